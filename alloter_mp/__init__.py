@@ -1,0 +1,53 @@
+"""alloter_mp: run batches of Python callables in worker processes.
+
+A concurrency limit, one overall timeout that really stops the work, failures
+recovered as errors with the remote traceback, context passing, the first failure
+ending its siblings, and a fast return — the promises of Go's *alloter*, carried
+over to processes.
+
+>>> from alloter_mp import ProcessAlloter
+>>> with ProcessAlloter(4, timeout=30.0) as alloter:          # doctest: +SKIP
+...     alloter.exec(lambda: 1, lambda: 2)
+[1, 2]
+"""
+
+from ._alloter import Alloter, ProcessAlloter, run
+from ._context import Context
+from ._errors import (
+    AlloterError,
+    Cancelled,
+    ExecTimeout,
+    MemoryLimitExceeded,
+    RemoteError,
+    SerializationError,
+    TaskError,
+    WorkerCrashed,
+)
+from ._pool import WorkerPool, WorkerStats
+from ._report import Report, TaskReport
+from ._worker import cancelled, raise_if_cancelled, time_left
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Alloter",
+    "AlloterError",
+    "Cancelled",
+    "Context",
+    "ExecTimeout",
+    "MemoryLimitExceeded",
+    "ProcessAlloter",
+    "RemoteError",
+    "Report",
+    "SerializationError",
+    "TaskError",
+    "TaskReport",
+    "WorkerCrashed",
+    "WorkerPool",
+    "WorkerStats",
+    "__version__",
+    "cancelled",
+    "raise_if_cancelled",
+    "run",
+    "time_left",
+)

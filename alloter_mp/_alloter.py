@@ -1,0 +1,376 @@
+"""ProcessAlloter, Alloter and run(): the public way to run one call.
+
+An alloter turns a call into a :class:`~alloter_mp._batch.Batch` (checking and
+pickling the tasks first, so bad input fails before anything starts), hands it to
+its :class:`~alloter_mp._pool.WorkerPool` and waits for the batch's outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from . import _mapping, _transport
+from ._batch import Batch
+from ._context import Context
+from ._errors import AlloterError, Cancelled, ExecTimeout, SerializationError
+from ._pool import WorkerPool, WorkerStats, _Owner
+from ._progress import attach_progress
+from ._report import Report, build_report
+
+__all__ = ["Alloter", "ProcessAlloter", "run"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, not {value!r}")
+    return float(value)
+
+
+def _check_limit(limit: int | None) -> int:
+    if limit is None:
+        return os.cpu_count() or 1
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return limit or (os.cpu_count() or 1)
+
+
+def _check_memory(memory_limit: int | None) -> int | None:
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+        raise TypeError(f"memory_limit must be an int (bytes) or None, not {memory_limit!r}")
+    if memory_limit <= 0:
+        raise ValueError(f"memory_limit must be > 0 bytes, not {memory_limit}")
+    return memory_limit
+
+
+class ProcessAlloter:
+    """Run batches of callables in worker processes, at most ``limit`` at once.
+
+    ``alloter.exec(f, g, lambda: h(3))`` runs the tasks in worker processes and
+    returns their results in task order. The first task to fail makes ``exec`` raise
+    :class:`TaskError` at once and ends its siblings; ``timeout`` bounds the whole
+    call and really stops the work. Workers start on first use and stay warm; one
+    alloter may be used by several threads at once (``limit`` then bounds them all).
+    ``close()`` (or a ``with`` block) stops the workers.
+
+    Options: ``cancel_grace`` seconds a running sibling gets to notice
+    :func:`cancelled` before its worker is killed; ``start_method`` of the workers
+    (default ``"forkserver"`` where available); ``initializer(*initargs)`` run in
+    each new worker; ``max_tasks_per_worker`` to replace workers after that many
+    tasks; ``memory_limit`` in bytes of a worker's resident memory; ``progress`` to
+    show a progress bar on stderr.
+    """
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        *,
+        timeout: float | None = None,
+        cancel_grace: float = 0.5,
+        start_method: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        memory_limit: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        self._limit = _check_limit(limit)
+        self._timeout = _check_seconds("timeout", timeout)
+        grace = _check_seconds("cancel_grace", cancel_grace, allow_zero=True)
+        self._cancel_grace = 0.0 if grace is None else grace
+        self._memory_limit = _check_memory(memory_limit)
+        self._progress = bool(progress)
+        self._options = {
+            "start_method": start_method,
+            "initializer": initializer,
+            "initargs": initargs,
+            "max_tasks_per_worker": max_tasks_per_worker,
+        }
+        self._pool = self._make_pool()
+        self._owns_pool = True
+        self._owner = _Owner(self._limit, self._memory_limit)
+        self._finalizer = weakref.finalize(self, self._pool.close, wait=False)
+
+    def _make_pool(self) -> WorkerPool:
+        return WorkerPool(self._limit, **self._options)  # type: ignore[arg-type]
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The most tasks of this alloter that run at once."""
+        return self._limit
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds for one whole call, or ``None``."""
+        return self._timeout
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The pool this alloter runs on."""
+        return self._pool
+
+    # -- running ---------------------------------------------------------------
+
+    def exec(self, *tasks: Callable[[], Any]) -> list[Any]:
+        """Run every task; return their results in task order.
+
+        Raises :class:`TaskError` (or :class:`WorkerCrashed`) as soon as the first
+        task fails, :class:`ExecTimeout` when the timeout passes; in both cases the
+        other tasks are ended.
+        """
+        return self._call(tasks, None)
+
+    def exec_with_context(self, ctx: Context, *tasks: Callable[[], Any]) -> list[Any]:
+        """Like :meth:`exec`, ended by ``ctx``: :class:`Cancelled` when it is
+        cancelled, :class:`ExecTimeout` when its deadline passes."""
+        if not isinstance(ctx, Context):
+            raise TypeError(f"ctx must be an alloter_mp.Context, not {type(ctx).__name__}")
+        return self._call(tasks, ctx)
+
+    def exec_report(self, *tasks: Callable[[], Any], ctx: Context | None = None) -> Report:
+        """Run like :meth:`exec`, but return a :class:`Report` instead of raising.
+
+        The report is complete: it waits until every task has ended (returned,
+        been killed or been skipped) and says what each one cost.
+        """
+        started = time.perf_counter()
+        batch, token = self._start(tasks, ctx, measure=True)
+        try:
+            self._wait(batch, settle=True)
+        finally:
+            self._finish(batch, ctx, token)
+        return build_report(batch, time.perf_counter() - started)
+
+    def map(
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, chunksize: int | None = None
+    ) -> list[R]:
+        """``fn(item)`` for every item, results in order, with the outcomes of :meth:`exec`.
+
+        A failure's ``TaskError.index`` is the item's position. Items travel in chunks
+        (``chunksize=None`` picks a size) so that tiny functions run at full speed.
+        """
+        return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
+
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+    ) -> Iterator[R]:
+        """Like :meth:`map`, yielding results as they come.
+
+        In input order, or in completion order with ``ordered=False``. The iterable
+        is read lazily with a bounded number of items in flight. Closing the iterator
+        early ends the outstanding work; the timeout counts from this call.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if chunksize is not None:
+            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+                raise TypeError("chunksize must be a positive int or None")
+            if chunksize <= 0:
+                raise ValueError("chunksize must be > 0")
+        return _mapping.imap(self, fn, iterable, chunksize, ordered)
+
+    # -- the rest of the surface -----------------------------------------------
+
+    def stats(self) -> list[WorkerStats]:
+        """One :class:`WorkerStats` per live worker of this alloter's pool."""
+        return self._pool.stats()
+
+    def with_pool(self, pool: WorkerPool) -> ProcessAlloter:
+        """A new alloter with the same options that runs on ``pool`` (never closing it)."""
+        if not isinstance(pool, WorkerPool):
+            raise TypeError(f"pool must be a WorkerPool, not {type(pool).__name__}")
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._pool = pool
+        other._owns_pool = False
+        other._owner = _Owner(self._limit, self._memory_limit)
+        other._finalizer = weakref.finalize(other, lambda: None)
+        return other
+
+    def close(self) -> None:
+        """Stop this alloter's workers (a pool given by ``with_pool`` is left open)."""
+        if self._owns_pool:
+            self._finalizer.detach()
+            self._pool.close()
+
+    def __enter__(self) -> ProcessAlloter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} limit={self._limit} timeout={self._timeout} "
+            f"start_method={self._pool.start_method!r}>"
+        )
+
+    # -- one call ----------------------------------------------------------------
+
+    def _call(self, tasks: tuple[Callable[[], Any], ...], ctx: Context | None) -> list[Any]:
+        batch, token = self._start(tasks, ctx)
+        try:
+            self._wait(batch, settle=False)
+        finally:
+            self._finish(batch, ctx, token)
+        return batch.results()
+
+    def _payloads(self, tasks: tuple[Callable[[], Any], ...]) -> list[bytes]:
+        for i, task in enumerate(tasks):
+            if not callable(task):
+                raise TypeError(f"task {i} is not callable: {task!r}")
+        payloads = []
+        for i, task in enumerate(tasks):
+            try:
+                payloads.append(_transport.dumps(task))
+            except Exception as exc:
+                raise SerializationError(i, f"{type(exc).__name__}: {exc}") from exc
+        return payloads
+
+    def _new_batch(
+        self, payloads: list[Any], ctx: Context | None, *, measure: bool = False, open_input: bool = False
+    ) -> Batch:
+        if ctx is not None:
+            if ctx.cancelled:
+                raise _cancelled_error(ctx)
+            if ctx.expired:
+                raise ExecTimeout("the context's deadline had passed before the call")
+        now = time.monotonic()
+        deadline = None if self._timeout is None else now + self._timeout
+        message = f"the call did not finish within its timeout of {self._timeout} s"
+        if ctx is not None and ctx.deadline is not None and (deadline is None or ctx.deadline < deadline):
+            deadline = ctx.deadline
+            message = "the context's deadline passed before the call finished"
+        return Batch(
+            payloads,
+            deadline=deadline,
+            cancel_grace=self._cancel_grace,
+            timeout_message=message,
+            measure=measure or self._memory_limit is not None,
+            open_input=open_input,
+        )
+
+    def _start(
+        self,
+        tasks: tuple[Callable[[], Any], ...],
+        ctx: Context | None,
+        *,
+        measure: bool = False,
+    ) -> tuple[Batch, Any]:
+        payloads = self._payloads(tasks)
+        batch = self._new_batch(payloads, ctx, measure=measure)
+        return batch, self._launch(batch, ctx, len(payloads))
+
+    def _launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Any:
+        """Submit ``batch``; returns what :meth:`_finish` needs to clean up."""
+        if batch.decided.is_set():
+            return (None, None)
+        bar = attach_progress(batch, total) if self._progress else None
+        token = None
+        if ctx is not None:
+            token = ctx._on_cancel(lambda: batch.cancel(_cancelled_error(ctx)))
+        try:
+            self._pool._submit(batch, self._owner, self._memory_limit)
+        except BaseException:
+            if ctx is not None:
+                ctx._remove_callback(token)
+            if bar is not None:
+                bar.close()
+            raise
+        return (token, bar)
+
+    @staticmethod
+    def _wait(batch: Batch, *, settle: bool) -> None:
+        try:
+            batch.wait_decided()
+            if settle:
+                batch.settled.wait()
+        except BaseException:
+            # KeyboardInterrupt (or any other escape): end the call's tasks, then go.
+            batch.cancel(Cancelled("the caller was interrupted"))
+            raise
+
+    @staticmethod
+    def _finish(batch: Batch, ctx: Context | None, token: Any) -> None:
+        cancel_token, bar = token
+        if ctx is not None:
+            ctx._remove_callback(cancel_token)
+        if bar is not None:
+            bar.close()
+
+
+class Alloter(ProcessAlloter):
+    """An alloter with no limit: every task of a call gets its own process.
+
+    Idle workers are kept warm up to the number of CPUs; the rest stop after a call.
+    Same outcomes as :class:`ProcessAlloter`.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        cancel_grace: float = 0.5,
+        start_method: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        memory_limit: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(
+            None,
+            timeout=timeout,
+            cancel_grace=cancel_grace,
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+            memory_limit=memory_limit,
+            progress=progress,
+        )
+        self._owner.limit = None
+
+    def _make_pool(self) -> WorkerPool:
+        return WorkerPool(self._limit, _elastic=True, **self._options)  # type: ignore[arg-type]
+
+
+def run(*tasks: Callable[[], Any], timeout: float | None = None) -> bool:
+    """Run every task in its own process; ``True`` when all returned within ``timeout``.
+
+    The simple form: it never raises for a task's failure, a crash or the timeout
+    (``False`` then). Tasks that are not callable still raise ``TypeError``.
+    """
+    with Alloter(timeout=timeout) as alloter:
+        try:
+            alloter.exec(*tasks)
+        except AlloterError:
+            return False
+    return True
+
+
+def _cancelled_error(ctx: Context) -> Cancelled:
+    reason = ctx.reason
+    return Cancelled("the context was cancelled" + (f": {reason}" if reason is not None else ""))
+

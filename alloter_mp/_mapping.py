@@ -1,0 +1,208 @@
+"""map and imap: items sent in chunks through an open batch, read lazily.
+
+Each chunk of items is one task of the batch (a :class:`Chunk`), so the batch rules
+apply unchanged: the first failing item fails the call with its own index, the
+timeout and cancellation end the outstanding chunks. The iterable is read only as
+far as a bounded number of chunks ahead of what the consumer has taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _transport, _worker
+from ._batch import Batch, Slot
+from ._errors import Cancelled, SerializationError
+
+if TYPE_CHECKING:
+    from ._alloter import ProcessAlloter
+
+__all__ = ["Chunk", "imap"]
+
+# A chunk of unknown-length input aims at about this much work.
+TARGET_CHUNK_SECONDS = 0.02
+MOST_PER_CHUNK = 4096
+
+
+class Chunk:
+    """Runs ``fn`` over a few items in a worker; a failure names its item."""
+
+    __slots__ = ("fn", "items")
+
+    def __init__(self, fn: Callable[[Any], Any], items: list[Any]) -> None:
+        self.fn = fn
+        self.items = items
+
+    def __call__(self) -> list[Any]:
+        fn = self.fn
+        out = []
+        mark = _worker.mark_item
+        for offset, item in enumerate(self.items):
+            if offset:
+                mark(offset)
+                if _worker.cancelled():
+                    raise Cancelled("the call was cancelled")
+            try:
+                out.append(fn(item))
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    setattr(exc, _transport.OFFSET_ATTR, offset)
+                raise
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Chunk, (self.fn, self.items))
+
+
+def _auto_chunksize(length: int | None, workers: int) -> int | None:
+    if length is None:
+        return None  # adapt to measured item times
+    return max(1, min(MOST_PER_CHUNK, math.ceil(length / (8 * workers))))
+
+
+def imap(
+    alloter: ProcessAlloter,
+    fn: Callable[[Any], Any],
+    iterable: Iterable[Any],
+    chunksize: int | None,
+    ordered: bool,
+) -> Iterator[Any]:
+    """The body of ``ProcessAlloter.imap`` (arguments already checked)."""
+    length = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+    size = chunksize or _auto_chunksize(length, alloter.limit)
+    batch = alloter._new_batch([], None, open_input=True)
+    return _Feeder(alloter, fn, iter(iterable), size, ordered, batch).run()
+
+
+class _Feeder:
+    def __init__(
+        self,
+        alloter: ProcessAlloter,
+        fn: Callable[[Any], Any],
+        items: Iterator[Any],
+        size: int | None,
+        ordered: bool,
+        batch: Batch,
+    ) -> None:
+        self.alloter = alloter
+        self.fn = fn
+        self.items = items
+        self.fixed = size
+        self.size = size or 1
+        self.ordered = ordered
+        self.batch = batch
+        self.done: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+        self.ahead = 2 * alloter.limit + 2
+        self.next_item = 0
+        self.exhausted = False
+
+    def run(self) -> Iterator[Any]:
+        batch = self.batch
+        token: Any = (None, None)
+        try:
+            token = self.alloter._launch(batch, None, None)
+            bar = token[1]
+            batch.on_slot_done = self._slot_done_with(bar)
+            batch.on_decided = lambda: self.done.put(None)
+            yield from self._loop()
+        except BaseException:
+            batch.cancel(Cancelled("the iterator was closed before the end"))
+            raise
+        finally:
+            batch.cancel(Cancelled("the iterator was closed before the end"))
+            self.alloter._finish(batch, None, token)
+
+    def _slot_done_with(self, bar: Any) -> Callable[[Slot], None]:
+        put = self.done.put
+        if bar is None:
+            return put
+
+        def both(slot: Slot) -> None:
+            bar.slot_done(slot)
+            put(slot)
+
+        return both
+
+    def _loop(self) -> Iterator[Any]:
+        batch = self.batch
+        pending: dict[int, Slot] = {}
+        next_yield = 0
+        taken = 0
+        while True:
+            outstanding = len(batch.slots) - (next_yield if self.ordered else taken)
+            while not self.exhausted and outstanding < self.ahead and not batch.ending:
+                if not self._feed():
+                    break
+                outstanding += 1
+            if self.exhausted and (next_yield if self.ordered else taken) >= len(batch.slots):
+                batch.results()  # raises the outcome if any
+                return
+            slot = self._next_done()
+            if batch.outcome is not None:
+                raise batch.outcome
+            if slot is None:
+                continue
+            self._adapt(slot)
+            if not self.ordered:
+                taken += 1
+                result, slot.result = slot.result, None
+                yield from result
+                continue
+            pending[slot.index] = slot
+            while next_yield in pending:
+                done = pending.pop(next_yield)
+                next_yield += 1
+                result, done.result = done.result, None
+                yield from result
+
+    def _feed(self) -> bool:
+        items = list(itertools.islice(self.items, self.size))
+        if not items:
+            self.exhausted = True
+            self.batch.close_input()
+            return False
+        try:
+            payload = _transport.dumps(Chunk(self.fn, items))
+        except Exception as exc:
+            raise SerializationError(self.next_item + _first_unpicklable(items), str(exc)) from exc
+        self.batch.append(payload, base=self.next_item)
+        self.next_item += len(items)
+        return True
+
+    def _next_done(self) -> Slot | None:
+        deadline = self.batch.deadline
+        while True:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                self.batch.expire()
+                return None
+            try:
+                return self.done.get(timeout=timeout)
+            except queue.Empty:
+                continue
+
+    def _adapt(self, slot: Slot) -> None:
+        if self.fixed is not None or slot.result is None:
+            return
+        count = len(slot.result)
+        if count and slot.wall_s > 0:
+            per_item = slot.wall_s / count
+            target = int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))
+            self.size = max(1, min(MOST_PER_CHUNK, target, self.size * 4))
+        elif count:
+            self.size = min(MOST_PER_CHUNK, self.size * 4)
+
+
+def _first_unpicklable(items: list[Any]) -> int:
+    for i, item in enumerate(items):
+        try:
+            _transport.dumps(item)
+        except Exception:
+            return i
+    return 0

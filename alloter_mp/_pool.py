@@ -1,0 +1,745 @@
+"""WorkerPool: worker processes and the one supervisor thread that runs them.
+
+Data flow::
+
+    caller thread                 supervisor thread (one per pool)         worker process
+    -------------                 --------------------------------         --------------
+    exec(*tasks)
+      pickle tasks
+      Batch(slots, deadline) ---> inbox + wake-up pipe
+      wait on batch.decided       wait() on worker pipes, worker sentinels,
+      (expires it at deadline)    the wake-up pipe and the nearest timer
+                                    dispatch: (batch, slots) ---------------> run in order,
+                                                                             skip cancelled batch
+                                    results  <------------------------------ (ok | err | skipped)
+                                    batch.task_returned / task_failed
+                                    batch ended -> set cancel flags, at the
+                                      grace deadline kill what still runs
+                                    sentinel fired -> settle its tasks,
+                                      kill its group, start a new worker
+      <- results or first error
+
+What happens, by actor:
+
+* The caller pickles its tasks, hands a :class:`~alloter_mp._batch.Batch` to the
+  pool and waits on ``batch.decided``. At the batch's deadline the caller itself
+  expires the batch, so the timeout does not depend on the supervisor being quick.
+* The supervisor owns every worker. It blocks in ``multiprocessing.connection.wait``
+  on each worker's pipe and process sentinel plus a wake-up pipe of its own, with
+  the nearest timer (deadline, grace, kill escalation, memory sample) as timeout.
+  Results, deaths, new batches and endings are all events of that one loop. It
+  records exactly which worker holds which slots (``_Worker.pipeline``), so every
+  death settles every task the worker could hold.
+* A worker runs the tasks it is sent in order and reports each one. Several small
+  tasks of one batch may be sent ahead to a worker so that tiny tasks do not pay a
+  round trip each; a worker holds tasks of one batch at a time, so one shared flag
+  per worker ("this batch is cancelled") is enough to make it skip what it holds.
+
+The batch rules (who failed first, which tasks are skipped, cancelled or timed out)
+live in :mod:`alloter_mp._batch`; this module only reports facts to batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from . import _proctree, _transport, _worker
+from ._batch import Batch, Slot, task_error_from
+from ._errors import (
+    AlloterError,
+    Cancelled,
+    MemoryLimitExceeded,
+    TaskError,
+    WorkerCrashed,
+)
+
+__all__ = ["DEFAULT_START_METHOD", "WorkerPool", "WorkerStats"]
+
+
+def _default_start_method() -> str:
+    # The parent always has a thread (the supervisor), and forking a process that has
+    # threads can deadlock the child; "forkserver" forks from a clean single-threaded
+    # server instead, and is nearly as quick to start a worker as "fork" once the
+    # server runs (measured in the README). "spawn" is the portable fallback.
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+DEFAULT_START_METHOD = _default_start_method()
+
+# After SIGTERM, a process still alive this long later gets SIGKILL.
+KILL_ESCALATION = 0.2
+# How often a worker's memory is sampled while a task with a memory limit runs.
+MEMORY_SAMPLE = 0.01
+# Tasks are sent ahead to a busy worker only while this many bytes are in flight, so
+# the parent never blocks writing to a worker that is itself writing a big result.
+AHEAD_BYTES = 32 * 1024
+# Send ahead about this much work per worker (judged by the batch's task times).
+AHEAD_SECONDS = 0.005
+AHEAD_MOST = 256
+# How long close() waits for workers to stop by themselves before killing them.
+STOP_WAIT = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One live worker process, measured with psutil."""
+
+    pid: int
+    rss: int
+    cpu_percent: float
+    tasks_done: int
+
+
+class _Owner:
+    """An alloter's share of a pool: at most ``limit`` workers busy with its tasks."""
+
+    __slots__ = ("active", "limit", "memory_limit")
+
+    def __init__(self, limit: int | None, memory_limit: int | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+        self.memory_limit = memory_limit
+
+    def full(self) -> bool:
+        return self.limit is not None and self.active >= self.limit
+
+
+class _Run:
+    """The pool's bookkeeping for one batch it runs."""
+
+    __slots__ = ("avg_wall", "end_handled", "memory_limit", "owner", "settled_seen")
+
+    def __init__(self, owner: _Owner, memory_limit: int | None) -> None:
+        self.owner = owner
+        self.memory_limit = memory_limit
+        self.end_handled = False
+        self.avg_wall: float | None = None
+        self.settled_seen = False
+
+
+class _Worker:
+    __slots__ = (
+        "batch",
+        "conn",
+        "conn_open",
+        "flag",
+        "init_error",
+        "inflight",
+        "kill_deadline",
+        "kill_reason",
+        "killed_at",
+        "mem_peak",
+        "owner",
+        "pid",
+        "pipeline",
+        "proc",
+        "ps",
+        "sentinel",
+        "stopping",
+        "tasks_done",
+        "tree",
+    )
+
+    def __init__(self, proc: Any, conn: Any, flag: Any) -> None:
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.conn = conn
+        self.conn_open = True
+        self.sentinel = proc.sentinel
+        self.flag = flag
+        self.pipeline: deque[Slot] = deque()
+        self.batch: Batch | None = None
+        self.owner: _Owner | None = None
+        self.inflight = 0
+        self.tasks_done = 0
+        self.stopping = False
+        self.kill_reason: str | None = None  # "end" | "memory" | "close"
+        self.kill_deadline: float | None = None
+        self.killed_at = 0.0
+        self.tree: list[psutil.Process] = []
+        self.mem_peak = 0
+        self.init_error: _transport.ExceptionInfo | None = None
+        self.ps: psutil.Process | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.pipeline and self.kill_reason is None and not self.stopping
+
+
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # Registered after multiprocessing's own exit hook (imported above), so it runs
+    # first: multiprocessing would otherwise wait for our non-daemon workers forever.
+    for pool in list(_live_pools):
+        with contextlib.suppress(Exception):
+            pool.close(wait=True, timeout=STOP_WAIT)
+
+
+class WorkerPool:
+    """A pool of worker processes that one or several alloters may share.
+
+    ``size`` workers at most (``None`` or ``0``: ``os.cpu_count()``), started on first
+    use and kept warm. ``initializer(*initargs)`` runs once in each worker;
+    ``max_tasks_per_worker`` replaces a worker after that many tasks. An alloter
+    given this pool through ``with_pool`` never closes it: ``close()`` (or the
+    ``with`` block) does.
+    """
+
+    def __init__(
+        self,
+        size: int | None = None,
+        *,
+        start_method: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        _elastic: bool = False,
+    ) -> None:
+        self._size = _check_count("size", size, default=os.cpu_count() or 1)
+        method = start_method if start_method is not None else DEFAULT_START_METHOD
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
+                f"not {method!r}"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        if not isinstance(initargs, tuple):
+            initargs = tuple(initargs)
+        if max_tasks_per_worker is not None:
+            if isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int):
+                raise TypeError("max_tasks_per_worker must be a positive int or None")
+            if max_tasks_per_worker <= 0:
+                raise ValueError("max_tasks_per_worker must be > 0")
+        self.start_method = method
+        self._ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _preload_worker_in_forkserver(self._ctx)
+        self._init_payload = (
+            _transport.dumps((initializer, initargs)) if initializer is not None else None
+        )
+        self._max_tasks = max_tasks_per_worker
+        self._elastic = _elastic
+        self._pid = os.getpid()
+
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[Batch, _Owner, int | None]] = deque()
+        self._closing = False
+        self._closed = threading.Event()
+        self._broken: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
+
+        # Owned by the supervisor thread.
+        self._workers: list[_Worker] = []
+        self._batches: list[Batch] = []
+        self._by_conn: dict[Any, _Worker] = {}
+        self._by_sentinel: dict[int, _Worker] = {}
+        _live_pools.add(self)
+
+    # -- public ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The most workers this pool runs at once."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once ``close()`` was called."""
+        return self._closing
+
+    def stats(self) -> list[WorkerStats]:
+        """One :class:`WorkerStats` per live worker (pid, rss, cpu percent, tasks done)."""
+        rows = []
+        for w in list(self._workers):
+            if w.kill_reason is not None:
+                continue
+            try:
+                if w.ps is None:
+                    w.ps = psutil.Process(w.pid)
+                with w.ps.oneshot():
+                    rss = w.ps.memory_info().rss
+                    cpu = w.ps.cpu_percent(None)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            rows.append(WorkerStats(w.pid, int(rss), float(cpu), w.tasks_done))
+        return rows
+
+    def close(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop every worker: running calls end with :class:`Cancelled`. Idempotent."""
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+            thread = self._thread
+        if first:
+            self._wake()
+            if thread is None:
+                self._release()
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "open"
+        return f"<WorkerPool size={self._size} start_method={self.start_method!r} {state}>"
+
+    # -- for the alloters --------------------------------------------------------
+
+    def _submit(self, batch: Batch, owner: _Owner, memory_limit: int | None = None) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError("a WorkerPool cannot be used from a forked child process")
+        batch.notify = self._wake
+        with self._lock:
+            if self._closing:
+                raise AlloterError("the pool is closed")
+            if self._broken is not None:
+                raise AlloterError("the pool's supervisor failed") from self._broken
+            self._inbox.append((batch, owner, memory_limit))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
+                )
+                self._thread.start()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    # -- the supervisor ----------------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # never leave a caller waiting on a dead loop
+            self._broken = exc
+            traceback.print_exc(file=sys.stderr)
+            error = AlloterError(f"the pool's supervisor failed: {exc!r}")
+            for batch in list(self._batches) + [b for b, _, _ in self._inbox]:
+                batch.fail(error)
+            for w in list(self._workers):
+                _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
+        finally:
+            self._release()
+
+    def _loop(self) -> None:
+        stop_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            self._take_inbox()
+            if self._closing:
+                if stop_deadline is None:
+                    stop_deadline = now + STOP_WAIT
+                    self._begin_close()
+                if not self._workers:
+                    return
+                if now >= stop_deadline:
+                    for w in self._workers:
+                        if w.kill_reason is None:
+                            self._kill(w, "close", now, hard=True)
+            self._check_timers(now)
+            self._handle_endings(now)
+            if not self._closing:
+                self._dispatch()
+            self._forget_settled()
+
+            timer = self._next_timer()
+            if stop_deadline is not None:
+                timer = stop_deadline if timer is None else min(timer, stop_deadline)
+            timeout = None if timer is None else max(0.0, timer - time.monotonic())
+            waitables: list[Any] = [self._wake_r]
+            waitables += [w.conn for w in self._workers if w.conn_open]
+            waitables += [w.sentinel for w in self._workers]
+            ready = multiprocessing.connection.wait(waitables, timeout)
+            deaths = []
+            for obj in ready:
+                if obj == self._wake_r:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        while os.read(self._wake_r, 4096):
+                            pass
+                elif isinstance(obj, int):
+                    deaths.append(self._by_sentinel[obj])
+                else:
+                    self._read(self._by_conn[obj])
+            for w in deaths:
+                self._on_death(w)
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            batch, owner, memory_limit = self._inbox.popleft()
+            batch.runner_state = _Run(owner, memory_limit)
+            self._batches.append(batch)
+
+    def _begin_close(self) -> None:
+        for batch in self._batches:
+            batch.cancel(Cancelled("the pool was closed"))
+        for w in self._workers:
+            if w.idle:
+                self._stop(w)
+
+    # -- timers ----------------------------------------------------------------
+
+    def _next_timer(self) -> float | None:
+        times: list[float] = []
+        for batch in self._batches:
+            if not batch.ending:
+                if batch.deadline is not None:
+                    times.append(batch.deadline)
+            elif not batch.settled.is_set():
+                grace = batch.grace_deadline
+                if grace is not None and any(w.batch is batch for w in self._workers):
+                    times.append(grace)
+        for w in self._workers:
+            if w.kill_deadline is not None:
+                times.append(w.kill_deadline)
+            elif w.pipeline and w.kill_reason is None and _memory_limit(w) is not None:
+                times.append(time.monotonic() + MEMORY_SAMPLE)
+        return min(times) if times else None
+
+    def _check_timers(self, now: float) -> None:
+        for batch in self._batches:
+            if not batch.ending and batch.deadline is not None and now >= batch.deadline:
+                batch.expire()
+        for w in self._workers:
+            if w.kill_deadline is not None and now >= w.kill_deadline:
+                # It ignored SIGTERM (or is slow to die): no more asking.
+                w.kill_deadline = None
+                tree = w.tree + _proctree.descendants(w.pid)
+                _proctree.signal_tree(w.pid, _proctree.SIGKILL, tree)
+            elif w.pipeline and w.kill_reason is None:
+                limit = _memory_limit(w)
+                if limit is not None:
+                    self._sample_memory(w, limit, now)
+
+    def _sample_memory(self, w: _Worker, limit: int, now: float) -> None:
+        try:
+            if w.ps is None:
+                w.ps = psutil.Process(w.pid)
+            rss = int(w.ps.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return
+        w.mem_peak = max(w.mem_peak, rss)
+        if rss > limit:
+            self._kill(w, "memory", now, hard=True)
+
+    def _handle_endings(self, now: float) -> None:
+        for batch in self._batches:
+            if not batch.ending:
+                continue
+            run: _Run = batch.runner_state
+            holders = [w for w in self._workers if w.batch is batch]
+            if not run.end_handled:
+                run.end_handled = True
+                for w in holders:
+                    w.flag[0] = batch.id
+            grace = batch.grace_deadline
+            if holders and grace is not None and now >= grace:
+                for w in holders:
+                    if w.kill_reason is None:
+                        self._kill(w, "end", now)
+
+    def _forget_settled(self) -> None:
+        if any(b.settled.is_set() for b in self._batches):
+            self._batches = [
+                b
+                for b in self._batches
+                if not b.settled.is_set() or any(w.batch is b for w in self._workers)
+            ]
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for batch in self._batches:
+            if batch.ending or not batch.has_queued():
+                continue
+            run: _Run = batch.runner_state
+            owner = run.owner
+            depth = _ahead_depth(run)
+            if depth > 1:
+                for w in self._workers:
+                    if w.batch is batch and w.kill_reason is None and not w.stopping:
+                        room = depth - len(w.pipeline)
+                        if room > 0 and w.inflight < AHEAD_BYTES:
+                            self._send(w, batch, batch.take(min(room, self._share(batch))))
+            for w in self._workers:
+                if not batch.has_queued() or owner.full():
+                    break
+                if w.idle and w.batch is None:
+                    self._send(w, batch, batch.take(min(depth, self._share(batch))))
+            while batch.has_queued() and not owner.full() and self._can_spawn():
+                w = self._spawn()
+                self._send(w, batch, batch.take(min(depth, self._share(batch))))
+        if self._elastic:
+            self._trim_idle()
+
+    def _share(self, batch: Batch) -> int:
+        workers = max(1, min(self._size, len(self._workers) or 1))
+        return max(1, math.ceil(batch.queued_count() / workers))
+
+    def _can_spawn(self) -> bool:
+        live = sum(1 for w in self._workers if w.kill_reason is None and not w.stopping)
+        return self._elastic or live < self._size
+
+    def _trim_idle(self) -> None:
+        idle = [w for w in self._workers if w.idle and w.batch is None]
+        for w in idle[self._size :]:
+            self._stop(w)
+
+    def _send(self, w: _Worker, batch: Batch, slots: list[Slot]) -> None:
+        if not slots:
+            return
+        run: _Run = batch.runner_state
+        if w.batch is None:
+            w.batch = batch
+            w.owner = run.owner
+            run.owner.active += 1
+            w.mem_peak = 0
+        message = pickle.dumps(
+            (
+                _worker.TASKS,
+                batch.id,
+                batch.deadline,
+                batch.measure,
+                [(s.index, s.payload) for s in slots],
+            ),
+            _transport.PROTOCOL,
+        )
+        for s in slots:
+            s.pid = w.pid
+            s.payload = None  # sent: the batch need not keep it
+        w.pipeline.extend(slots)
+        w.inflight += len(message)
+        try:
+            w.conn.send_bytes(message)
+        except OSError:
+            # The worker is dying; its sentinel will settle these slots.
+            w.conn_open = False
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        flag = self._ctx.RawArray("q", 2)
+        proc = self._ctx.Process(
+            target=_worker.worker_main,
+            args=(child_conn, flag, self._lifeline_r, self._lifeline_w, self._init_payload),
+            name="alloter_mp-worker",
+            daemon=False,
+        )
+        proc.start()
+        child_conn.close()
+        w = _Worker(proc, parent_conn, flag)
+        self._workers.append(w)
+        self._by_conn[parent_conn] = w
+        self._by_sentinel[w.sentinel] = w
+        return w
+
+    def _stop(self, w: _Worker) -> None:
+        if w.stopping:
+            return
+        w.stopping = True
+        try:
+            w.conn.send_bytes(pickle.dumps((_worker.STOP,)))
+        except OSError:
+            self._kill(w, "close", time.monotonic(), hard=True)
+
+    def _kill(self, w: _Worker, reason: str, now: float, *, hard: bool = False) -> None:
+        if w.kill_reason is not None and not hard:
+            return
+        if w.kill_reason is None:
+            w.kill_reason = reason
+            w.killed_at = now
+        w.tree = _proctree.descendants(w.pid)
+        if hard:
+            _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
+            w.kill_deadline = None
+        else:
+            _proctree.signal_tree(w.pid, _proctree.SIGTERM, w.tree)
+            w.kill_deadline = now + KILL_ESCALATION
+
+    # -- events from workers -----------------------------------------------------
+
+    def _read(self, w: _Worker) -> None:
+        try:
+            while w.conn_open and w.conn.poll():
+                self._on_message(w, pickle.loads(w.conn.recv_bytes()))
+        except (EOFError, OSError):
+            w.conn_open = False  # the sentinel tells the rest
+
+    def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == _worker.INIT_FAILED:
+            w.init_error = msg[1]
+            return
+        _, batch_id, items = msg
+        batch = w.batch
+        assert batch is not None and batch.id == batch_id, "result for a batch the worker lacks"
+        run: _Run = batch.runner_state
+        for index, code, body, wall, cpu, peak in items:
+            slot = w.pipeline.popleft()
+            assert slot.index == index, "worker answered out of order"
+            slot.wall_s, slot.cpu_s, slot.peak_rss = wall, cpu, peak
+            if code == _worker.SKIPPED:
+                batch.task_skipped(slot)
+                continue
+            w.tasks_done += 1
+            run.avg_wall = wall if run.avg_wall is None else 0.8 * run.avg_wall + 0.2 * wall
+            if code == _worker.OK:
+                try:
+                    result = _transport.loads(body)
+                except Exception as exc:
+                    batch.task_failed(slot, _unloadable_result(slot.base, exc))
+                else:
+                    batch.task_returned(slot, result)
+            else:
+                info = _transport.ExceptionInfo(*body)
+                cause = _transport.rebuild_exception(info)
+                batch.task_failed(slot, task_error_from(slot.base + info.offset, cause, info.traceback))
+        if not w.pipeline:
+            self._release_worker(w)
+            if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
+                self._stop(w)
+
+    def _release_worker(self, w: _Worker) -> None:
+        if w.owner is not None:
+            w.owner.active -= 1
+        w.batch = None
+        w.owner = None
+        w.inflight = 0
+
+    def _on_death(self, w: _Worker) -> None:
+        self._read(w)  # results it sent before dying still count
+        w.proc.join(0.5)
+        exitcode = w.proc.exitcode
+        # Whatever the task started dies with it, whoever's group it sits in.
+        _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
+        batch = w.batch
+        if w.pipeline and batch is not None:
+            head = w.pipeline.popleft()
+            # A chunk runner keeps the offset of the item it runs in flag[1].
+            index = head.base + int(w.flag[1])
+            if w.kill_reason == "memory":
+                limit = _memory_limit(w) or 0
+                batch.task_failed(
+                    head,
+                    MemoryLimitExceeded(index, limit, w.mem_peak, w.pid, exitcode),
+                    crashed=True,
+                )
+                head.peak_rss = max(head.peak_rss, w.mem_peak)
+            elif w.kill_reason in ("end", "close"):
+                batch.task_killed(head)
+            elif w.init_error is not None:
+                info = w.init_error
+                cause = _transport.rebuild_exception(info)
+                error = TaskError(
+                    index, f"the worker's initializer failed: {info.type_name}: {info.message}",
+                    info.traceback,
+                )
+                error.__cause__ = cause
+                batch.task_failed(head, error, crashed=True)
+            else:
+                batch.task_failed(head, WorkerCrashed(index, exitcode, w.pid), crashed=True)
+            head.wall_s = head.wall_s or (time.monotonic() - head.started)
+            while w.pipeline:
+                batch.task_skipped(w.pipeline.popleft())
+        if w.batch is not None:
+            self._release_worker(w)
+        self._workers.remove(w)
+        self._by_conn.pop(w.conn, None)
+        self._by_sentinel.pop(w.sentinel, None)
+        w.conn.close()
+        with contextlib.suppress(ValueError):
+            w.proc.close()
+
+    def _release(self) -> None:
+        self._closed.set()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        for conn in (self._lifeline_r, self._lifeline_w):
+            with contextlib.suppress(OSError):
+                conn.close()
+        _live_pools.discard(self)
+
+
+def _memory_limit(w: _Worker) -> int | None:
+    if w.batch is None:
+        return None
+    limit: int | None = w.batch.runner_state.memory_limit
+    return limit
+
+
+def _ahead_depth(run: _Run) -> int:
+    if run.avg_wall is None:
+        return 1
+    return max(1, min(AHEAD_MOST, int(AHEAD_SECONDS / max(run.avg_wall, 1e-6))))
+
+
+def _unloadable_result(index: int, exc: BaseException) -> TaskError:
+    error = TaskError(
+        index,
+        f"the task's result cannot be unpickled in the parent: {exc!r}",
+        type_name=type(exc).__name__,
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _check_count(name: str, value: int | None, *, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value or default
+
+
+_preloaded: set[int] = set()
+
+
+def _preload_worker_in_forkserver(ctx: Any) -> None:
+    # Have the fork server import the worker module once, so each new worker starts
+    # with it loaded. Only possible before the server starts; the modules it already
+    # preloads (by default __main__) are kept.
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or id(server) in _preloaded:
+        return
+    _preloaded.add(id(server))
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    if "alloter_mp._worker" not in current:
+        ctx.set_forkserver_preload([*current, "alloter_mp._worker"])

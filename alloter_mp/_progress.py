@@ -1,0 +1,48 @@
+"""A tqdm progress bar on stderr that counts a call's finished and failed tasks."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from ._batch import Batch, Slot
+
+__all__ = ["attach_progress"]
+
+
+class _Bar:
+    def __init__(self, batch: Batch, total: int | None, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._lock = threading.Lock()
+        self._failed = 0
+        self._bar: Any = tqdm(total=total, desc=desc, file=sys.stderr, unit="task", leave=True)
+
+    def slot_done(self, slot: Slot) -> None:
+        with self._lock:
+            if self._bar is None:
+                return
+            if slot.status not in ("ok",):
+                self._failed += 1
+                self._bar.set_postfix(failed=self._failed, refresh=False)
+            self._bar.update(1)
+
+    def set_total(self, total: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+
+def attach_progress(batch: Batch, total: int | None, desc: str = "alloter_mp") -> _Bar:
+    """Show a bar for ``batch``; the caller closes it when the call returns."""
+    bar = _Bar(batch, total, desc)
+    batch.on_slot_done = bar.slot_done
+    return bar

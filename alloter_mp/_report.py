@@ -1,0 +1,168 @@
+"""What ran: per-task reports of a call, and their table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._batch import Batch
+
+__all__ = ["Report", "TaskReport"]
+
+STATUSES = ("ok", "error", "crashed", "timeout", "cancelled", "skipped")
+
+
+@dataclass
+class TaskReport:
+    """What became of one task: its status, result or error, and what it cost.
+
+    ``status`` is ``"ok"``, ``"error"``, ``"crashed"``, ``"timeout"``, ``"cancelled"``
+    or ``"skipped"``. ``wall_s`` and ``cpu_s`` (user + system of the worker) are
+    seconds spent in the task; ``peak_rss`` is the worker's peak resident memory
+    during the task, in bytes; ``pid`` the worker that ran it (``None`` if none did).
+    """
+
+    index: int
+    status: str
+    result: Any = None
+    error: BaseException | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss: int = 0
+    pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (without the result)."""
+        error = None
+        if self.error is not None:
+            error = {"type": _error_type(self.error), "message": str(self.error)}
+        return {
+            "index": self.index,
+            "status": self.status,
+            "error": error,
+            "wall_s": round(self.wall_s, 6),
+            "cpu_s": round(self.cpu_s, 6),
+            "peak_rss": self.peak_rss,
+            "pid": self.pid,
+        }
+
+
+@dataclass
+class Report:
+    """The report of one ``exec_report`` call: one :class:`TaskReport` per task, in order."""
+
+    tasks: list[TaskReport]
+    wall_s: float = 0.0
+    outcome: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when every task returned (the call would have returned its results)."""
+        return self.outcome is None
+
+    @property
+    def results(self) -> list[Any]:
+        """The results in task order (``None`` where a task did not return)."""
+        return [t.result for t in self.tasks]
+
+    def raise_for_status(self) -> None:
+        """Raise what ``exec`` would have raised for this call; nothing when it succeeded."""
+        if self.outcome is not None:
+            raise self.outcome
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks ended in each status."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for t in self.tasks:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: totals and one entry per task (no results)."""
+        return {
+            "ok": self.ok,
+            "wall_s": round(self.wall_s, 6),
+            "cpu_s": round(sum(t.cpu_s for t in self.tasks), 6),
+            "peak_rss": max((t.peak_rss for t in self.tasks), default=0),
+            "counts": self.counts(),
+            "error": None
+            if self.outcome is None
+            else {"type": _error_type(self.outcome), "message": str(self.outcome)},
+            "tasks": [t.to_dict() for t in self.tasks],
+        }
+
+    def __str__(self) -> str:
+        header = ("task", "status", "wall s", "cpu s", "peak MiB", "pid", "error")
+        rows = [header]
+        for t in self.tasks:
+            rows.append(
+                (
+                    str(t.index),
+                    t.status,
+                    f"{t.wall_s:.3f}",
+                    f"{t.cpu_s:.3f}",
+                    f"{t.peak_rss / 2**20:.1f}" if t.peak_rss else "-",
+                    str(t.pid) if t.pid else "-",
+                    _short(t.error) if t.status in ("error", "crashed") else "",
+                )
+            )
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        total_cpu = sum(t.cpu_s for t in self.tasks)
+        peak = max((t.peak_rss for t in self.tasks), default=0)
+        rows.append(
+            (
+                "total",
+                f"{len(self.tasks)}",
+                f"{self.wall_s:.3f}",
+                f"{total_cpu:.3f}",
+                f"{peak / 2**20:.1f}" if peak else "-",
+                "",
+                counts,
+            )
+        )
+        return _table(rows)
+
+
+def build_report(batch: Batch, wall_s: float) -> Report:
+    """The report of a settled batch."""
+    tasks = [
+        TaskReport(
+            index=s.index,
+            status=s.status,
+            result=s.result,
+            error=s.error,
+            wall_s=s.wall_s,
+            cpu_s=s.cpu_s,
+            peak_rss=s.peak_rss,
+            pid=s.pid if s.status != "skipped" else None,
+        )
+        for s in batch.slots
+    ]
+    return Report(tasks, wall_s, batch.outcome)
+
+
+def _error_type(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if cause is not None:
+        name = getattr(cause, "type_name", None)
+        return f"{type(exc).__name__}({name or type(cause).__name__})"
+    return type(exc).__name__
+
+
+def _short(exc: BaseException | None, width: int = 60) -> str:
+    if exc is None:
+        return ""
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if 1 < i < 6 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0 or n == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

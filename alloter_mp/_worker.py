@@ -1,0 +1,320 @@
+"""The worker process: its main loop, and the in-task API (``cancelled()`` & co).
+
+A worker:
+
+* starts a session of its own, so killing its process group reaches every process
+  a task started, and a Ctrl-C meant for the parent does not reach it;
+* watches a lifeline pipe from the parent in a small thread: when the parent dies
+  the pipe reaches EOF and the worker kills its own group, so nothing is orphaned;
+* turns on ``faulthandler``, so a segfault leaves its stack on stderr;
+* reads task messages, keeps the tasks in a local queue and runs them in order; a
+  task of a batch the parent has cancelled (a flag in shared memory) is skipped;
+* sends results back in small groups (an error at once), with the wall time, CPU
+  time and, when asked, the peak resident memory of each task.
+
+The worker knows nothing of batches beyond the ids it echoes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from . import _transport
+from ._errors import Cancelled
+
+__all__ = ["cancelled", "raise_if_cancelled", "time_left", "worker_main"]
+
+# Message kinds, parent -> worker.
+TASKS = 1  # (TASKS, batch_id, deadline, measure, [(index, payload), ...])
+STOP = 2  # (STOP,)
+# Worker -> parent.
+RESULTS = 3  # (RESULTS, batch_id, [(index, code, payload, wall, cpu, peak), ...])
+INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
+
+# Result codes.
+OK = 0
+ERR = 1
+SKIPPED = 2
+
+# Results are held back at most this long (or this many) so that tiny tasks do not
+# pay a message each; an error is sent at once.
+_FLUSH_AFTER = 0.002
+_FLUSH_COUNT = 256
+
+
+class _TaskState:
+    """What the in-task API reads: set only inside a worker process."""
+
+    flag: Any = None  # shared int64 array: [cancelled batch id, item offset in a chunk]
+    batch_id: int = 0
+    local_cancel: int = -1  # a batch this worker saw fail: skip the rest of it
+    deadline: float | None = None
+    in_task: bool = False
+
+
+_state = _TaskState()
+
+
+def cancelled() -> bool:
+    """``True`` once the batch the current task belongs to has been cancelled.
+
+    A batch is cancelled by its first failure, its timeout, its context or the
+    caller's interruption. Outside a task this is always ``False``. Long tasks should
+    check it now and then and return early: they get ``cancel_grace`` seconds before
+    their worker is killed.
+    """
+    if not _state.in_task:
+        return False
+    return bool(_state.flag[0] == _state.batch_id or _state.local_cancel == _state.batch_id)
+
+
+def raise_if_cancelled() -> None:
+    """Raise :class:`~alloter_mp.Cancelled` when :func:`cancelled` is ``True``."""
+    if cancelled():
+        raise Cancelled("the batch of this task was cancelled")
+
+
+def mark_item(offset: int) -> None:
+    """Record which item of a chunk runs, so a crash names that item."""
+    if _state.in_task:
+        _state.flag[1] = offset
+
+
+def time_left() -> float | None:
+    """Seconds until the current batch's deadline, ``None`` without one or outside a task."""
+    if not _state.in_task or _state.deadline is None:
+        return None
+    return max(0.0, _state.deadline - time.monotonic())
+
+
+# -- measuring -----------------------------------------------------------------
+
+
+class _PeakMeter:
+    """Per-task peak resident memory.
+
+    On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's
+    high-water mark (VmHWM), so the peak read after a task is that task's own. Where
+    that is not possible, the process-lifetime peak from ``getrusage`` is used when
+    it grew during the task, else the resident size at the end (a lower bound).
+    """
+
+    def __init__(self) -> None:
+        self.exact = False
+        try:
+            self._clear = open("/proc/self/clear_refs", "w")  # noqa: SIM115
+            self._status = open("/proc/self/status", "rb")  # noqa: SIM115
+            self._clear.write("5")
+            self._clear.flush()
+            self.exact = self._read_hwm() > 0
+        except OSError:
+            self.exact = False
+        self._start_maxrss = 0
+
+    def _read_hwm(self) -> int:
+        self._status.seek(0)
+        for line in self._status.read().splitlines():
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def start(self) -> None:
+        if self.exact:
+            try:
+                self._clear.write("5")
+                self._clear.flush()
+                return
+            except OSError:
+                self.exact = False
+        self._start_maxrss = _maxrss()
+
+    def peak(self) -> int:
+        if self.exact:
+            return self._read_hwm()
+        now_max = _maxrss()
+        if now_max > self._start_maxrss:
+            return now_max
+        return _current_rss()
+
+
+def _maxrss() -> int:
+    try:
+        import resource
+
+        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return 0
+    return int(value) if sys.platform == "darwin" else int(value) * 1024
+
+
+def _current_rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0
+
+
+# -- the process ---------------------------------------------------------------
+
+
+def _watch_lifeline(lifeline: Any) -> None:
+    """Kill this worker's whole group when the parent's end of the lifeline closes."""
+    try:
+        lifeline.poll(None)
+    except (OSError, EOFError):
+        pass
+    # The parent is gone (or closed the pipe): nobody will read our results.
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(70)
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # the lifeline covers this on its own
+        pass
+
+
+def _become_group_leader() -> None:
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+
+def worker_main(
+    conn: Any, flag: Any, lifeline: Any, lifeline_w: Any, init_payload: bytes | None
+) -> None:
+    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    _become_group_leader()
+    # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable()
+    with contextlib.suppress(Exception):
+        lifeline_w.close()  # under fork we inherited the parent's end: drop it
+    _set_parent_death_signal()
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    _state.flag = flag
+
+    if init_payload is not None:
+        try:
+            initializer, initargs = _transport.loads(init_payload)
+            initializer(*initargs)
+        except BaseException as exc:
+            info = _transport.capture_exception(exc, skip_frames=1)
+            with contextlib.suppress(OSError):
+                conn.send_bytes(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
+            os._exit(3)
+    _serve(conn, flag)
+
+
+def _serve(conn: Any, flag: Any) -> None:
+    meter = _PeakMeter()
+    queue: deque[tuple[int, float | None, bool, int, bytes]] = deque()
+    out: list[tuple[Any, ...]] = []
+    out_batch = 0
+    out_since = 0.0
+    recv = conn.recv_bytes
+    send = conn.send_bytes
+    poll = conn.poll
+    dumps = pickle.dumps
+    protocol = _transport.PROTOCOL
+
+    def flush() -> None:
+        nonlocal out
+        if out:
+            send(dumps((RESULTS, out_batch, out), protocol))
+            out = []
+
+    while True:
+        # Block only when there is nothing to do and nothing left to report.
+        if not queue:
+            flush()
+        while not queue or poll():
+            try:
+                msg = pickle.loads(recv())
+            except (EOFError, OSError):
+                return
+            if msg[0] == STOP:
+                flush()
+                return
+            _, batch_id, deadline, measure, items = msg
+            for index, payload in items:
+                queue.append((batch_id, deadline, measure, index, payload))
+        batch_id, deadline, measure, index, payload = queue.popleft()
+        if out and (batch_id != out_batch):
+            flush()
+        if not out:
+            out_batch = batch_id
+            out_since = time.monotonic()
+        if flag[0] == batch_id or _state.local_cancel == batch_id:
+            out.append((index, SKIPPED, None, 0.0, 0.0, 0))
+            continue
+        item = _run_one(batch_id, deadline, measure, index, payload, meter)
+        out.append(item)
+        if item[1] == ERR:
+            # Any failure ends its batch: skip what we hold of it, tell the parent now.
+            _state.local_cancel = batch_id
+            flush()
+        elif len(out) >= _FLUSH_COUNT or time.monotonic() - out_since >= _FLUSH_AFTER:
+            flush()
+
+
+def _run_one(
+    batch_id: int,
+    deadline: float | None,
+    measure: bool,
+    index: int,
+    payload: bytes,
+    meter: _PeakMeter,
+) -> tuple[Any, ...]:
+    _state.batch_id = batch_id
+    _state.deadline = deadline
+    _state.flag[1] = 0
+    if measure:
+        meter.start()
+    wall0 = time.perf_counter()
+    cpu0 = time.process_time()
+    _state.in_task = True
+    try:
+        result = pickle.loads(payload)()
+    except BaseException as exc:
+        _state.in_task = False
+        code: int = ERR
+        body: Any = _transport.capture_exception(exc, skip_frames=1)
+    else:
+        _state.in_task = False
+        code = OK
+        try:
+            body = _transport.dumps(result)
+        except BaseException as exc:
+            code = ERR
+            body = _unpicklable_result(result, exc)
+        del result
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
+    peak = meter.peak() if measure else 0
+    return (index, code, body, wall, cpu, peak)
+
+
+def _unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:
+    info = _transport.capture_exception(exc)
+    message = f"the task's result ({type(result).__name__}) cannot be pickled: {info.message}"
+    # Send the pickling error itself as the cause, with a message that says what failed.
+    return info._replace(message=message, pickled=None)

@@ -1,0 +1,55 @@
+"""Module-level task functions for ``scripts/bench.py``.
+
+They live in their own importable module (not ``__main__``) so that every library,
+whatever its start method or serializer, pickles them by reference and the workers
+import the same code.  Keep this module free of heavy imports: workers started with
+spawn, forkserver or loky import it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def noop(i: int = 0) -> int:
+    """The no-op task: returns its argument so the caller can check order."""
+    return i
+
+
+def spin(n: int) -> float:
+    """Pure-Python CPU loop of ``n`` iterations; returns the CPU seconds it used."""
+    c0 = time.process_time()
+    x = 0
+    for k in range(n):
+        x += k * k & 7
+    return time.process_time() - c0
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+FAIL_TAG = "bench-fail@"
+
+
+def fail_now() -> None:
+    """Raise at once; the message carries ``time.time()`` taken just before raising.
+
+    ``time.time()`` (not ``perf_counter``) because the reading is compared with the
+    parent's clock: the wall clock is the one clock every process shares by contract.
+    """
+    t = time.time()
+    raise ValueError(f"{FAIL_TAG}{t!r}")
+
+
+def spin_forever(pidfile: str) -> None:
+    """Write this process's pid to ``pidfile``, then loop forever (never returns)."""
+    tmp = pidfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, pidfile)
+    x = 0
+    while True:
+        x += 1
