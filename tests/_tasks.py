@@ -1,0 +1,141 @@
+"""Task functions for the tests: real work, real failures, real crashes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+
+import alloter_mp
+
+
+def value(x):
+    return x
+
+
+def sleep_then(seconds, x=None):
+    time.sleep(seconds)
+    return x
+
+
+def record(path, seconds, tag):
+    """Append start/end times to a file, to check the limit from outside."""
+    start = time.time()
+    time.sleep(seconds)
+    end = time.time()
+    with open(path, "a") as f:
+        f.write(f"{tag} {start} {end}\n")
+    return tag
+
+
+def raise_value_error(message="boom"):
+    raise ValueError(message)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def exit_now(code=3):
+    os._exit(code)
+
+
+def kill_self(sig=signal.SIGKILL):
+    os.kill(os.getpid(), sig)
+    time.sleep(10)
+
+
+def spin_forever():
+    while True:
+        pass
+
+
+def ignore_sigterm_and_spin(pidfile):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        pass
+
+
+def start_child_and_hang(pidfile):
+    child = subprocess.Popen(["sleep", "1000"])
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    time.sleep(1000)
+
+
+def write_pid_and_sleep(pidfile, seconds):
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def wait_for_cancel(seconds):
+    """Return 'noticed' once the batch is cancelled, within ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if alloter_mp.cancelled():
+            return "noticed"
+        time.sleep(0.01)
+    return "not noticed"
+
+
+def cancel_marker(path, seconds):
+    """Write 'cancelled' to path if the task sees cancellation within ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if alloter_mp.cancelled():
+            with open(path, "w") as f:
+                f.write("cancelled")
+            return "cancelled"
+        time.sleep(0.01)
+    return "finished"
+
+
+def in_task_state():
+    return alloter_mp.cancelled(), alloter_mp.time_left()
+
+
+class TwoArgError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg():
+    raise TwoArgError(1, 2)
+
+
+class LockHoldingError(Exception):
+    def __init__(self):
+        import threading
+
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_lock_holding():
+    raise LockHoldingError()
+
+
+def return_lock():
+    import threading
+
+    return threading.Lock()
+
+
+def pid():
+    return os.getpid()
+
+
+def sleep_then_raise(seconds, message="late boom"):
+    time.sleep(seconds)
+    raise ValueError(message)
+
+
+def sleep_then_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
