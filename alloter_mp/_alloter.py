@@ -103,7 +103,7 @@ class ProcessAlloter:
         self._pool = self._make_pool()
         self._owns_pool = True
         self._owner = _Owner(self._limit, self._memory_limit)
-        self._finalizer = weakref.finalize(self, self._pool.close, wait=False)
+        self._finalizer: Any = weakref.finalize(self, self._pool.close, wait=False)
 
     def _make_pool(self) -> WorkerPool:
         return WorkerPool(self._limit, **self._options)  # type: ignore[arg-type]
@@ -205,7 +205,7 @@ class ProcessAlloter:
         other._pool = pool
         other._owns_pool = False
         other._owner = _Owner(self._limit, self._memory_limit)
-        other._finalizer = weakref.finalize(other, lambda: None)
+        other._finalizer = None
         return other
 
     def close(self) -> None:
@@ -249,7 +249,12 @@ class ProcessAlloter:
         return payloads
 
     def _new_batch(
-        self, payloads: list[Any], ctx: Context | None, *, measure: bool = False, open_input: bool = False
+        self,
+        payloads: list[Any],
+        ctx: Context | None,
+        *,
+        measure: bool = False,
+        open_input: bool = False,
     ) -> Batch:
         if ctx is not None:
             if ctx.cancelled:
@@ -259,7 +264,11 @@ class ProcessAlloter:
         now = time.monotonic()
         deadline = None if self._timeout is None else now + self._timeout
         message = f"the call did not finish within its timeout of {self._timeout} s"
-        if ctx is not None and ctx.deadline is not None and (deadline is None or ctx.deadline < deadline):
+        if (
+            ctx is not None
+            and ctx.deadline is not None
+            and (deadline is None or ctx.deadline < deadline)
+        ):
             deadline = ctx.deadline
             message = "the context's deadline passed before the call finished"
         return Batch(
@@ -373,4 +382,3 @@ def run(*tasks: Callable[[], Any], timeout: float | None = None) -> bool:
 def _cancelled_error(ctx: Context) -> Cancelled:
     reason = ctx.reason
     return Cancelled("the context was cancelled" + (f": {reason}" if reason is not None else ""))
-

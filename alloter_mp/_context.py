@@ -33,7 +33,7 @@ class Context:
         self._event = threading.Event()
         self._reason: Any = None
         self._cancelled = False
-        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._callbacks: dict[int, Callable[[], object]] = {}
         self._next_token = 0
         self._children: weakref.WeakSet[Context] = weakref.WeakSet()
         own = None if timeout is None else time.monotonic() + float(timeout)
@@ -121,7 +121,7 @@ class Context:
                 return
         child.cancel(self._reason)
 
-    def _on_cancel(self, callback: Callable[[], None]) -> int | None:
+    def _on_cancel(self, callback: Callable[[], object]) -> int | None:
         """Call ``callback`` (once) when cancelled; returns a token, or runs it now."""
         with self._lock:
             if not self._cancelled:

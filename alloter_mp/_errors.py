@@ -117,7 +117,12 @@ class MemoryLimitExceeded(WorkerCrashed):
     """
 
     def __init__(
-        self, index: int, limit: int, peak_rss: int, pid: int | None = None, exitcode: int | None = None
+        self,
+        index: int,
+        limit: int,
+        peak_rss: int,
+        pid: int | None = None,
+        exitcode: int | None = None,
     ) -> None:
         message = (
             f"worker process {pid} passed the memory limit of {limit:,} bytes "

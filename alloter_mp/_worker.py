@@ -170,10 +170,8 @@ def _current_rss() -> int:
 
 def _watch_lifeline(lifeline: Any) -> None:
     """Kill this worker's whole group when the parent's end of the lifeline closes."""
-    try:
+    with contextlib.suppress(OSError, EOFError):
         lifeline.poll(None)
-    except (OSError, EOFError):
-        pass
     # The parent is gone (or closed the pipe): nobody will read our results.
     with contextlib.suppress(OSError):
         os.killpg(os.getpid(), signal.SIGKILL)
