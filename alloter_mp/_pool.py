@@ -55,7 +55,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +141,10 @@ class _Worker:
         "batch",
         "conn",
         "conn_open",
+        "cpu_seen",
         "flag",
-        "init_error",
         "inflight",
+        "init_error",
         "kill_deadline",
         "kill_reason",
         "killed_at",
@@ -179,6 +180,7 @@ class _Worker:
         self.mem_peak = 0
         self.init_error: _transport.ExceptionInfo | None = None
         self.ps: psutil.Process | None = None
+        self.cpu_seen = False  # stats() has taken a first cpu_percent reading
 
     @property
     def idle(self) -> bool:
@@ -213,7 +215,7 @@ class WorkerPool:
         *,
         start_method: str | None = None,
         initializer: Callable[..., Any] | None = None,
-        initargs: tuple[Any, ...] = (),
+        initargs: Iterable[Any] = (),
         max_tasks_per_worker: int | None = None,
         _elastic: bool = False,
     ) -> None:
@@ -226,15 +228,14 @@ class WorkerPool:
             )
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
-        if not isinstance(initargs, tuple):
-            initargs = tuple(initargs)
+        initargs = tuple(initargs)
         if max_tasks_per_worker is not None:
             if isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int):
                 raise TypeError("max_tasks_per_worker must be a positive int or None")
             if max_tasks_per_worker <= 0:
                 raise ValueError("max_tasks_per_worker must be > 0")
         self.start_method = method
-        self._ctx = multiprocessing.get_context(method)
+        self._ctx: Any = multiprocessing.get_context(method)
         if method == "forkserver":
             _preload_worker_in_forkserver(self._ctx)
         self._init_payload = (
@@ -286,6 +287,13 @@ class WorkerPool:
                 with w.ps.oneshot():
                     rss = w.ps.memory_info().rss
                     cpu = w.ps.cpu_percent(None)
+                    if not w.cpu_seen:
+                        # psutil's first reading has nothing to compare with (0.0):
+                        # give the average since the worker started instead.
+                        w.cpu_seen = True
+                        used = sum(w.ps.cpu_times()[:2])
+                        age = max(time.time() - w.ps.create_time(), 0.05)
+                        cpu = min(100.0 * used / age, 100.0 * (os.cpu_count() or 1))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             rows.append(WorkerStats(w.pid, int(rss), float(cpu), w.tasks_done))
@@ -361,7 +369,11 @@ class WorkerPool:
             if self._closing:
                 if stop_deadline is None:
                     stop_deadline = now + STOP_WAIT
-                    self._begin_close()
+                    for batch in self._batches:
+                        batch.cancel(Cancelled("the pool was closed"))
+                for w in self._workers:
+                    if w.idle:
+                        self._stop(w)  # also those that became idle since
                 if not self._workers:
                     return
                 if now >= stop_deadline:
@@ -400,13 +412,6 @@ class WorkerPool:
             batch, owner, memory_limit = self._inbox.popleft()
             batch.runner_state = _Run(owner, memory_limit)
             self._batches.append(batch)
-
-    def _begin_close(self) -> None:
-        for batch in self._batches:
-            batch.cancel(Cancelled("the pool was closed"))
-        for w in self._workers:
-            if w.idle:
-                self._stop(w)
 
     # -- timers ----------------------------------------------------------------
 
@@ -623,7 +628,9 @@ class WorkerPool:
             else:
                 info = _transport.ExceptionInfo(*body)
                 cause = _transport.rebuild_exception(info)
-                batch.task_failed(slot, task_error_from(slot.base + info.offset, cause, info.traceback))
+                batch.task_failed(
+                    slot, task_error_from(slot.base + info.offset, cause, info.traceback)
+                )
         if not w.pipeline:
             self._release_worker(w)
             if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
@@ -661,7 +668,8 @@ class WorkerPool:
                 info = w.init_error
                 cause = _transport.rebuild_exception(info)
                 error = TaskError(
-                    index, f"the worker's initializer failed: {info.type_name}: {info.message}",
+                    index,
+                    f"the worker's initializer failed: {info.type_name}: {info.message}",
                     info.traceback,
                 )
                 error.__cause__ = cause

@@ -1,0 +1,153 @@
+"""Contract section 5: map and imap."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+
+import pytest
+from conftest import pid_gone
+
+import _tasks
+from alloter_mp import ExecTimeout, ProcessAlloter, TaskError
+
+
+def fail_on(bad, x):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * 2
+
+
+def slow_double(x):
+    time.sleep(0.02)
+    return x * 2
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7, 1000])
+def test_map_results_in_order(alloter, chunksize):
+    assert alloter.map(lambda x: x * x, range(200), chunksize=chunksize) == [
+        x * x for x in range(200)
+    ]
+
+
+def test_map_of_nothing(alloter):
+    assert alloter.map(lambda x: x, []) == []
+    assert list(alloter.imap(lambda x: x, iter([]))) == []
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 10])
+def test_map_failure_names_the_item_index(alloter, chunksize):
+    with pytest.raises(TaskError) as info:
+        alloter.map(functools.partial(fail_on, 37), range(100), chunksize=chunksize)
+    assert info.value.index == 37
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "bad item 37" in info.value.remote_traceback
+
+
+def test_map_crash_names_the_item_index(alloter):
+    def crash_on_5(x):
+        if x == 5:
+            _tasks.exit_now(4)
+        return x
+
+    with pytest.raises(TaskError) as info:
+        alloter.map(crash_on_5, range(20), chunksize=10)
+    assert info.value.index == 5
+    assert info.value.exitcode == 4
+
+
+def test_imap_ordered_and_unordered(alloter):
+    def wait_then(x):
+        time.sleep(0.3 if x == 0 else 0.01)
+        return x
+
+    assert list(alloter.imap(wait_then, range(10), chunksize=1)) == list(range(10))
+    out = list(alloter.imap(wait_then, range(10), chunksize=1, ordered=False))
+    assert sorted(out) == list(range(10))
+    assert out[0] != 0  # the slow first item did not hold the others back
+
+
+def test_imap_reads_an_endless_generator_lazily(alloter):
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    it = alloter.imap(lambda x: x + 1, endless())
+    first = list(itertools.islice(it, 50))
+    assert first == list(range(1, 51))
+    time.sleep(0.2)
+    assert len(pulled) < 50 + 20000  # bounded read-ahead, not the whole stream
+    it.close()
+
+
+def test_closing_imap_early_ends_outstanding_work(tmp_path):
+    pidfile = tmp_path / "pid"
+
+    def item(x):
+        if x == 1:
+            _tasks.write_pid_and_sleep(str(pidfile), 100)
+        return x
+
+    with ProcessAlloter(2, cancel_grace=0.1) as a:
+        it = a.imap(item, range(4), chunksize=1, ordered=False)
+        assert next(it) in (0, 2, 3)
+        deadline = time.monotonic() + 5
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        it.close()
+        assert pid_gone(int(pidfile.read_text()), timeout=3)
+        assert a.map(lambda x: x, range(3)) == [0, 1, 2]
+
+
+def test_map_timeout_counts_from_the_call(alloter):
+    a = ProcessAlloter(2, timeout=0.5, cancel_grace=0.05)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ExecTimeout):
+            a.map(slow_double, range(1000), chunksize=1)
+        assert time.monotonic() - start < 0.5 + 0.3
+        it = a.imap(lambda x: x, range(100))
+        time.sleep(0.6)  # the consumer's own time counts
+        with pytest.raises(ExecTimeout):
+            list(it)
+    finally:
+        a.close()
+
+
+def test_map_respects_limit_and_fail_fast_timing():
+    with ProcessAlloter(2, cancel_grace=0.1) as a:
+        start = time.monotonic()
+        with pytest.raises(TaskError):
+            a.map(functools.partial(fail_on, 0), range(10_000), chunksize=1)
+        assert time.monotonic() - start < 5
+
+
+def test_bad_map_arguments(alloter):
+    with pytest.raises(TypeError):
+        alloter.map(42, range(3))
+    with pytest.raises(ValueError):
+        alloter.map(abs, range(3), chunksize=0)
+    with pytest.raises(TypeError):
+        alloter.map(abs, range(3), chunksize=1.5)
+
+
+@pytest.mark.timeout(120)
+def test_imap_memory_stays_flat_over_a_long_stream(alloter):
+    import psutil
+
+    me = psutil.Process()
+    it = alloter.imap(lambda x: x, itertools.count())
+    for _ in itertools.islice(it, 200_000):
+        pass
+    before = me.memory_info().rss
+    total = 0
+    for x in itertools.islice(it, 1_000_000):
+        total += x
+    grown = me.memory_info().rss - before
+    it.close()
+    assert total > 0
+    assert grown < 30 * 2**20, f"parent grew by {grown / 2**20:.1f} MiB"
