@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, TypeVar
 
 from . import _mapping, _transport
@@ -22,6 +22,9 @@ from ._progress import attach_progress
 from ._report import Report, build_report
 
 __all__ = ["Alloter", "ProcessAlloter", "run"]
+
+# Tasks pickled together up to this size are sent as one blob per worker.
+BLOB_MOST = 1 << 20
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -165,7 +168,23 @@ class ProcessAlloter:
         A failure's ``TaskError.index`` is the item's position. Items travel in chunks
         (``chunksize=None`` picks a size) so that tiny functions run at full speed.
         """
-        return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
+        if not isinstance(iterable, Sized):
+            return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
+        self._check_map_args(fn, chunksize)
+        chunks = _mapping.chunk_list(fn, list(iterable), chunksize, self._limit)
+        if not chunks:
+            return []
+        payloads, blob = self._payloads(chunks, _mapping.first_unpicklable_item)
+        batch = self._new_batch(payloads, None)
+        batch.blob = blob
+        for slot, chunk in zip(batch.slots, chunks, strict=True):
+            slot.base = chunk.start
+        token = self._launch(batch, None, len(chunks))
+        try:
+            self._wait(batch, settle=False)
+        finally:
+            self._finish(batch, None, token)
+        return [item for part in batch.results() for item in part]
 
     def imap(
         self,
@@ -181,6 +200,11 @@ class ProcessAlloter:
         is read lazily with a bounded number of items in flight. Closing the iterator
         early ends the outstanding work; the timeout counts from this call.
         """
+        self._check_map_args(fn, chunksize)
+        return _mapping.imap(self, fn, iterable, chunksize, ordered)
+
+    @staticmethod
+    def _check_map_args(fn: object, chunksize: object) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if chunksize is not None:
@@ -188,7 +212,6 @@ class ProcessAlloter:
                 raise TypeError("chunksize must be a positive int or None")
             if chunksize <= 0:
                 raise ValueError("chunksize must be > 0")
-        return _mapping.imap(self, fn, iterable, chunksize, ordered)
 
     # -- the rest of the surface -----------------------------------------------
 
@@ -236,17 +259,36 @@ class ProcessAlloter:
             self._finish(batch, ctx, token)
         return batch.results()
 
-    def _payloads(self, tasks: tuple[Callable[[], Any], ...]) -> list[bytes]:
+    def _payloads(
+        self,
+        tasks: Sequence[Callable[[], Any]],
+        locate: Callable[[Any, int], int] | None = None,
+    ) -> tuple[list[Any], bytes | None]:
+        """Per-task payloads, or one blob of all tasks when that is small enough.
+
+        Pickling the list at once writes shared code and globals once, which makes
+        many small tasks much cheaper; big tasks are pickled one by one so that a
+        worker is only sent what it runs.
+        """
         for i, task in enumerate(tasks):
             if not callable(task):
                 raise TypeError(f"task {i} is not callable: {task!r}")
+        if len(tasks) > 1:
+            try:
+                blob = _transport.dumps_tasks(tasks)
+            except Exception:
+                blob = None  # find which task fails below
+            if blob is not None and len(blob) <= BLOB_MOST:
+                return [None] * len(tasks), blob
         payloads = []
         for i, task in enumerate(tasks):
             try:
                 payloads.append(_transport.dumps(task))
             except Exception as exc:
-                raise SerializationError(i, f"{type(exc).__name__}: {exc}") from exc
-        return payloads
+                # For a map, ``locate`` turns the chunk's position into the item's.
+                index = i if locate is None else locate(task, i)
+                raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
+        return payloads, None
 
     def _new_batch(
         self,
@@ -287,8 +329,9 @@ class ProcessAlloter:
         *,
         measure: bool = False,
     ) -> tuple[Batch, Any]:
-        payloads = self._payloads(tasks)
+        payloads, blob = self._payloads(tasks)
         batch = self._new_batch(payloads, ctx, measure=measure)
+        batch.blob = blob
         return batch, self._launch(batch, ctx, len(payloads))
 
     def _launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Any:

@@ -96,6 +96,8 @@ class Batch:
         self.timeout_message = timeout_message
         self.measure = measure
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
+        # All tasks pickled together (slots then carry no payload of their own).
+        self.blob: bytes | None = None
         self._queued: deque[int] = deque(range(len(payloads)))
         self._lock = threading.Lock()
         self._open = open_input
@@ -303,9 +305,10 @@ class Batch:
                 self.decided.wait()
                 continue
             remaining = self.deadline - time.monotonic()
-            if remaining <= 0 or not self.decided.wait(remaining):
-                if time.monotonic() >= self.deadline:
-                    self.expire()
+            if (remaining <= 0 or not self.decided.wait(remaining)) and (
+                time.monotonic() >= self.deadline
+            ):
+                self.expire()
 
     def results(self) -> list[Any]:
         """The results in task order, or raise the outcome."""

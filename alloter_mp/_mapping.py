@@ -31,33 +31,56 @@ MOST_PER_CHUNK = 4096
 
 
 class Chunk:
-    """Runs ``fn`` over a few items in a worker; a failure names its item."""
+    """Runs ``fn`` over a few items in a worker; a failure names its item.
 
-    __slots__ = ("fn", "items")
+    ``start`` (the first item's position) stays in the parent: it is not pickled.
+    """
 
-    def __init__(self, fn: Callable[[Any], Any], items: list[Any]) -> None:
+    __slots__ = ("fn", "items", "start")
+
+    def __init__(self, fn: Callable[[Any], Any], items: list[Any], start: int = 0) -> None:
         self.fn = fn
         self.items = items
+        self.start = start
 
     def __call__(self) -> list[Any]:
         fn = self.fn
-        out = []
-        mark = _worker.mark_item
-        for offset, item in enumerate(self.items):
-            if offset:
-                mark(offset)
-                if _worker.cancelled():
-                    raise Cancelled("the call was cancelled")
-            try:
-                out.append(fn(item))
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    setattr(exc, _transport.OFFSET_ATTR, offset)
-                raise
+        out: list[Any] = []
+        append = out.append
+        shared = _worker.chunk_view()
+        offset = 0
+        try:
+            if shared is None:
+                for offset, item in enumerate(self.items):  # noqa: B007 (read in except)
+                    append(fn(item))
+            else:
+                words, batch_id = shared
+                for offset, item in enumerate(self.items):
+                    words[1] = offset
+                    if words[0] == batch_id:
+                        raise Cancelled("the call was cancelled")
+                    append(fn(item))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                setattr(exc, _transport.OFFSET_ATTR, offset)
+            raise
         return out
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Chunk, (self.fn, self.items))
+
+
+def chunk_list(
+    fn: Callable[[Any], Any], items: list[Any], chunksize: int | None, workers: int
+) -> list[Chunk]:
+    """Cut a list of items into chunks for ``map``."""
+    size = chunksize or _auto_chunksize(len(items), workers) or 1
+    return [Chunk(fn, items[i : i + size], i) for i in range(0, len(items), size)]
+
+
+def first_unpicklable_item(chunk: Chunk, position: int) -> int:
+    """The position in the whole input of the item that makes ``chunk`` unpicklable."""
+    return chunk.start + _first_unpicklable(chunk.items)
 
 
 def _auto_chunksize(length: int | None, workers: int) -> int | None:

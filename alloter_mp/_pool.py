@@ -139,6 +139,7 @@ class _Run:
 class _Worker:
     __slots__ = (
         "batch",
+        "blob_id",
         "conn",
         "conn_open",
         "cpu_seen",
@@ -169,6 +170,7 @@ class _Worker:
         self.flag = flag
         self.pipeline: deque[Slot] = deque()
         self.batch: Batch | None = None
+        self.blob_id = 0  # the batch whose task list this worker already has
         self.owner: _Owner | None = None
         self.inflight = 0
         self.tasks_done = 0
@@ -530,12 +532,17 @@ class WorkerPool:
             w.owner = run.owner
             run.owner.active += 1
             w.mem_peak = 0
+        blob = None
+        if batch.blob is not None and w.blob_id != batch.id:
+            blob = batch.blob
+            w.blob_id = batch.id
         message = pickle.dumps(
             (
                 _worker.TASKS,
                 batch.id,
                 batch.deadline,
                 batch.measure,
+                blob,
                 [(s.index, s.payload) for s in slots],
             ),
             _transport.PROTOCOL,

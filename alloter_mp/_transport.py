@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -29,6 +30,19 @@ OFFSET_ATTR = "_alloter_mp_offset"
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with cloudpickle (functions by value where they must be)."""
     return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+
+
+def dumps_result(obj: Any) -> bytes:
+    """Pickle a result: plain pickle when it can (much cheaper), else cloudpickle."""
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return dumps(obj)
+
+
+def dumps_tasks(tasks: Sequence[Any]) -> bytes:
+    """Pickle a whole task list at once: shared code and globals are written once."""
+    return dumps(list(tasks))
 
 
 def loads(data: bytes) -> Any:
