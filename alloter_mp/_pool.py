@@ -24,7 +24,7 @@ What happens, by actor:
 * The caller pickles its tasks, hands a :class:`~alloter_mp._batch.Batch` to the
   pool and waits on ``batch.decided``. At the batch's deadline the caller itself
   expires the batch, so the timeout does not depend on the supervisor being quick.
-* The supervisor owns every worker. It blocks in ``multiprocessing.connection.wait``
+* The supervisor owns every worker. It blocks in one selector (epoll on Linux)
   on each worker's pipe and process sentinel plus a wake-up pipe of its own, with
   the nearest timer (deadline, grace, kill escalation, memory sample) as timeout.
   Results, deaths, new batches and endings are all events of that one loop. It
@@ -49,6 +49,7 @@ import multiprocessing.connection
 import multiprocessing.util
 import os
 import pickle
+import selectors
 import sys
 import threading
 import time
@@ -261,8 +262,10 @@ class WorkerPool:
         # Owned by the supervisor thread.
         self._workers: list[_Worker] = []
         self._batches: list[Batch] = []
-        self._by_conn: dict[Any, _Worker] = {}
-        self._by_sentinel: dict[int, _Worker] = {}
+        # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
+        # rebuilding the set on each turn of the loop costs more than the turn.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         _live_pools.add(self)
 
     # -- public ----------------------------------------------------------------
@@ -392,20 +395,18 @@ class WorkerPool:
             if stop_deadline is not None:
                 timer = stop_deadline if timer is None else min(timer, stop_deadline)
             timeout = None if timer is None else max(0.0, timer - time.monotonic())
-            waitables: list[Any] = [self._wake_r]
-            waitables += [w.conn for w in self._workers if w.conn_open]
-            waitables += [w.sentinel for w in self._workers]
-            ready = multiprocessing.connection.wait(waitables, timeout)
             deaths = []
-            for obj in ready:
-                if obj == self._wake_r:
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    # Wake-ups only mean "look again": one read empties the pipe.
                     with contextlib.suppress(BlockingIOError, OSError):
-                        while os.read(self._wake_r, 4096):
-                            pass
-                elif isinstance(obj, int):
-                    deaths.append(self._by_sentinel[obj])
-                else:
-                    self._read(self._by_conn[obj])
+                        os.read(self._wake_r, 65536)
+                    continue
+                w, what = key.data
+                if what == "dead":
+                    deaths.append(w)
+                elif w.conn_open:
+                    self._read(w)
             for w in deaths:
                 self._on_death(w)
 
@@ -556,11 +557,11 @@ class WorkerPool:
             w.conn.send_bytes(message)
         except OSError:
             # The worker is dying; its sentinel will settle these slots.
-            w.conn_open = False
+            self._unwatch_conn(w)
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        flag = self._ctx.RawArray("q", 2)
+        flag = self._ctx.RawArray("q", 3)  # cancelled batch, chunk offset, running task + 1
         proc = self._ctx.Process(
             target=_worker.worker_main,
             args=(child_conn, flag, self._lifeline_r, self._lifeline_w, self._init_payload),
@@ -571,8 +572,8 @@ class WorkerPool:
         child_conn.close()
         w = _Worker(proc, parent_conn, flag)
         self._workers.append(w)
-        self._by_conn[parent_conn] = w
-        self._by_sentinel[w.sentinel] = w
+        self._selector.register(parent_conn.fileno(), selectors.EVENT_READ, (w, "conn"))
+        self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
         return w
 
     def _stop(self, w: _Worker) -> None:
@@ -600,12 +601,23 @@ class WorkerPool:
 
     # -- events from workers -----------------------------------------------------
 
-    def _read(self, w: _Worker) -> None:
+    def _read(self, w: _Worker, *, drain: bool = False) -> None:
+        # One message per readiness event: the selector is level-triggered and will
+        # report the pipe again if more is waiting, and polling first would cost
+        # more system calls than the message. A dead worker is drained to the end.
         try:
-            while w.conn_open and w.conn.poll():
+            while w.conn_open:
                 self._on_message(w, pickle.loads(w.conn.recv_bytes()))
+                if not drain or not w.conn.poll():
+                    break
         except (EOFError, OSError):
-            w.conn_open = False  # the sentinel tells the rest
+            self._unwatch_conn(w)  # the sentinel tells the rest
+
+    def _unwatch_conn(self, w: _Worker) -> None:
+        if w.conn_open:
+            w.conn_open = False
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(w.conn.fileno())
 
     def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -651,13 +663,20 @@ class WorkerPool:
         w.inflight = 0
 
     def _on_death(self, w: _Worker) -> None:
-        self._read(w)  # results it sent before dying still count
+        if w.conn_open and w.conn.poll():
+            self._read(w, drain=True)  # results it sent before dying still count
         w.proc.join(0.5)
         exitcode = w.proc.exitcode
         # Whatever the task started dies with it, whoever's group it sits in.
         _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
         batch = w.batch
         if w.pipeline and batch is not None:
+            # Tasks before the one that ran returned, but the worker still held their
+            # results back: they died with it. The one that ran is the one to blame.
+            running, lost = int(w.flag[2]) - 1, []
+            if any(s.index == running for s in w.pipeline):
+                while w.pipeline[0].index != running:
+                    lost.append(w.pipeline.popleft())
             head = w.pipeline.popleft()
             # A chunk runner keeps the offset of the item it runs in flag[1].
             index = head.base + int(w.flag[1])
@@ -684,19 +703,23 @@ class WorkerPool:
             else:
                 batch.task_failed(head, WorkerCrashed(index, exitcode, w.pid), crashed=True)
             head.wall_s = head.wall_s or (time.monotonic() - head.started)
+            for slot in lost:
+                batch.task_killed(slot)
             while w.pipeline:
                 batch.task_skipped(w.pipeline.popleft())
         if w.batch is not None:
             self._release_worker(w)
         self._workers.remove(w)
-        self._by_conn.pop(w.conn, None)
-        self._by_sentinel.pop(w.sentinel, None)
+        self._unwatch_conn(w)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(w.sentinel)
         w.conn.close()
         with contextlib.suppress(ValueError):
             w.proc.close()
 
     def _release(self) -> None:
         self._closed.set()
+        self._selector.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
