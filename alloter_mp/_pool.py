@@ -670,6 +670,10 @@ class WorkerPool:
         # Whatever the task started dies with it, whoever's group it sits in.
         _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
         batch = w.batch
+        # Keep the pool warm: replace a worker that died holding work, was killed or
+        # retired. One that died on its own before doing anything (a failing
+        # initializer) is replaced only on demand, so a broken setup cannot spin.
+        replace = w.init_error is None and bool(w.pipeline or w.kill_reason or w.tasks_done)
         if w.pipeline and batch is not None:
             # Tasks before the one that ran returned, but the worker still held their
             # results back: they died with it. The one that ran is the one to blame.
@@ -716,6 +720,8 @@ class WorkerPool:
         w.conn.close()
         with contextlib.suppress(ValueError):
             w.proc.close()
+        if replace and not self._closing and not self._elastic and self._can_spawn():
+            self._spawn()
 
     def _release(self) -> None:
         self._closed.set()

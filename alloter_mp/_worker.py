@@ -374,6 +374,7 @@ def _run_one(
     _state.batch_id = batch_id
     _state.deadline = deadline
     _state.flag[1] = 0
+    _state.flag[2] = index + 1  # a crash names this task, not one whose result is held back
     if measure:
         meter.start()
     wall0 = time.perf_counter()
@@ -396,6 +397,7 @@ def _run_one(
             code = ERR
             body = _unpicklable_result(result, exc)
         del result
+    _state.flag[2] = 0
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     peak = meter.peak() if measure else 0

@@ -139,3 +139,18 @@ def sleep_then_raise(seconds, message="late boom"):
 def sleep_then_pid(seconds):
     time.sleep(seconds)
     return os.getpid()
+
+
+_INITIALIZED = []
+
+
+def init_worker(*args):
+    _INITIALIZED.append(args)
+
+
+def initialized():
+    return list(_INITIALIZED)
+
+
+def failing_init():
+    raise RuntimeError("initializer exploded")

@@ -454,7 +454,7 @@ def test_no_process_or_fd_leak_after_300_mixed_calls(tmp_path):
         lambda: [functools.partial(_tasks.sleep_then, 5)],  # timeout
     ]
     with ProcessAlloter(2, timeout=0.3, cancel_grace=0.05) as a:
-        a.exec(lambda: 0)
+        a.exec(*[functools.partial(_tasks.sleep_then, 0.1)] * 2)  # both workers up
         fds = open_fds()
         for i in range(300):
             with contextlib.suppress(TaskError, ExecTimeout):
@@ -552,3 +552,47 @@ def test_stats_lists_live_workers(alloter):
     rows = alloter.stats()
     assert rows and all(r.rss > 0 for r in rows)
     assert {r.pid for r in rows} <= {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_initializer_runs_once_in_each_worker():
+    with ProcessAlloter(2, initializer=_tasks.init_worker, initargs=("a", 1)) as a:
+        results = a.exec(*[_tasks.initialized] * 4)
+    assert all(r == [("a", 1)] for r in results)
+
+
+def test_failing_initializer_fails_the_task_with_its_traceback():
+    with ProcessAlloter(1, initializer=_tasks.failing_init) as a, pytest.raises(TaskError) as info:
+        a.exec(lambda: 1)
+    assert "initializer exploded" in str(info.value)
+    assert "failing_init" in info.value.remote_traceback
+
+
+def test_max_tasks_per_worker_replaces_workers():
+    with ProcessAlloter(1, max_tasks_per_worker=2) as a:
+        pids = [a.exec(_tasks.pid)[0] for _ in range(6)]
+    assert len(set(pids)) == 3
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
+
+
+def test_a_dead_worker_is_replaced_at_once(alloter):
+    alloter.exec(_tasks.pid, _tasks.pid)
+    assert len(alloter.stats()) == 2
+    with pytest.raises(WorkerCrashed):
+        alloter.exec(_tasks.kill_self)
+    deadline = time.monotonic() + 5
+    while len(alloter.stats()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(alloter.stats()) == 2
+
+
+def test_bad_pool_options():
+    with pytest.raises(ValueError):
+        ProcessAlloter(1, start_method="teleport")
+    with pytest.raises(ValueError):
+        ProcessAlloter(1, max_tasks_per_worker=0)
+    with pytest.raises(TypeError):
+        ProcessAlloter(1, initializer=42)
+    with pytest.raises(ValueError):
+        ProcessAlloter(1, cancel_grace=-1)
+    with pytest.raises(ValueError):
+        WorkerPool(-1)
