@@ -28,12 +28,30 @@ OFFSET_ATTR = "_alloter_mp_offset"
 
 
 def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` with cloudpickle (functions by value where they must be)."""
+    """Pickle ``obj`` as cloudpickle would (functions by value where they must be).
+
+    Plain pickle is tried first: it is several times cheaper, and where it succeeds
+    without touching ``__main__`` it writes the same by-reference pickle cloudpickle
+    would. Lambdas, closures, ``__main__`` objects and modules registered to travel
+    by value go through cloudpickle.
+    """
+    if not cloudpickle.list_registry_pickle_by_value():
+        try:
+            data = pickle.dumps(obj, PROTOCOL)
+        except Exception:
+            pass
+        else:
+            if b"__main__" not in data:
+                return data
     return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
 
 
 def dumps_result(obj: Any) -> bytes:
-    """Pickle a result: plain pickle when it can (much cheaper), else cloudpickle."""
+    """Pickle a result: plain pickle when it can, else cloudpickle.
+
+    Unlike a task, a result may refer to ``__main__`` by reference: the parent's
+    ``__main__`` is the program that defined it, so its classes stay its own.
+    """
     try:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:
