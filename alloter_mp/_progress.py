@@ -1,4 +1,9 @@
-"""A tqdm progress bar on stderr that counts a call's finished and failed tasks."""
+"""A tqdm progress bar on stderr that counts a call's finished and failed tasks.
+
+The bar advances by one as each task ends, whatever its status, and its postfix
+says how many of those failed (raised, crashed or timed out) and, once there are
+any, how many were cancelled or skipped because the call ended early.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from ._batch import Batch, Slot
 
 __all__ = ["attach_progress"]
 
+# Statuses counted as failures; "cancelled" and "skipped" are shown apart.
+_FAILED = frozenset({"error", "crashed", "timeout"})
+
 
 class _Bar:
     def __init__(self, batch: Batch, total: int | None, desc: str) -> None:
@@ -17,15 +25,23 @@ class _Bar:
 
         self._lock = threading.Lock()
         self._failed = 0
+        self._ended = 0
         self._bar: Any = tqdm(total=total, desc=desc, file=sys.stderr, unit="task", leave=True)
+        self._bar.set_postfix(failed=0, refresh=False)
 
     def slot_done(self, slot: Slot) -> None:
         with self._lock:
             if self._bar is None:
                 return
-            if slot.status not in ("ok",):
+            if slot.status in _FAILED:
                 self._failed += 1
-                self._bar.set_postfix(failed=self._failed, refresh=False)
+            elif slot.status != "ok":
+                self._ended += 1
+            if slot.status != "ok":
+                postfix = {"failed": self._failed}
+                if self._ended:
+                    postfix["cancelled"] = self._ended
+                self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
 
     def set_total(self, total: int) -> None:

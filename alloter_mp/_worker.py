@@ -117,13 +117,15 @@ class _PeakMeter:
     task did in between (even memory it freed again), because the kernel keeps it.
 
     Reading the mark from ``/proc/self/status`` costs 7-17 us; ``getrusage``'s
-    ``ru_maxrss`` costs under 1 us and is ``max(that mark, M)``, where M is the mark
-    recorded when one of the worker's threads exited (or at exec). So after the reset
-    the meter reads ``ru_maxrss`` (s0) and the resident size (``/proc/self/statm``,
-    2 us): when s0 is about the resident size, M is not in the way and the peak is
-    ``ru_maxrss`` after the task. A ``ru_maxrss`` that grew during the task is the
-    task's own mark in any case. Only when M hides the mark (a thread exited at a
-    high point of an earlier task) and the task did not exceed M, is VmHWM read.
+    ``ru_maxrss`` costs under 1 us and is ``max(that mark, M)``, where M is a mark
+    the kernel keeps apart and the reset does not clear: that of the image the
+    worker replaced at exec (the parent, under "spawn"). M is at most ``ru_maxrss``
+    read right after the first reset (K). So after each reset the meter reads
+    ``ru_maxrss`` (s0): when s0 > K, s0 is the mark itself, and the peak is
+    ``ru_maxrss`` after the task; otherwise it checks that s0 is about the resident
+    size (``/proc/self/statm``, 2 us). A ``ru_maxrss`` that grew during the task is
+    the task's own mark in any case. Only when M hides the mark and the task did not
+    exceed M is VmHWM read.
 
     Where none of this is possible, the process-lifetime peak from ``getrusage`` is
     used when it grew during the task, else the resident size at the end (a lower
@@ -140,6 +142,7 @@ class _PeakMeter:
         self._clear = self._status = self._statm = -1
         self._start_maxrss = 0
         self._s0 = 0
+        self._known = 0  # K: M is at most this
         self._hidden = True
         try:
             import resource
@@ -151,6 +154,7 @@ class _PeakMeter:
             self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
             self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
             os.write(self._clear, b"5")
+            self._known = self._ru_maxrss()
             self.exact = self._read_hwm() > 0 and self._read_rss() > 0
         except (ImportError, OSError, AttributeError, ValueError, IndexError):
             self.exact = False
@@ -182,8 +186,8 @@ class _PeakMeter:
         if self.exact:
             try:
                 os.write(self._clear, b"5")
-                self._s0 = self._ru_maxrss()
-                self._hidden = self._s0 > self._read_rss() + self._SLACK
+                s0 = self._s0 = self._ru_maxrss()
+                self._hidden = s0 <= self._known and s0 > self._read_rss() + self._SLACK
                 return
             except (OSError, ValueError, IndexError):
                 self.close()
