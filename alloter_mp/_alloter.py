@@ -179,7 +179,8 @@ class ProcessAlloter:
         batch.blob = blob
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
-        token = self._launch(batch, None, len(chunks))
+            slot.size = len(chunk.items)
+        token = self._launch(batch, None, len(iterable))
         try:
             self._wait(batch, settle=False)
         finally:

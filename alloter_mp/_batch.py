@@ -56,6 +56,7 @@ class Slot:
         "peak_rss",
         "pid",
         "result",
+        "size",
         "started",
         "status",
         "wall_s",
@@ -66,6 +67,7 @@ class Slot:
         # The position reported in errors: a chunk of a map reports its first item
         # plus the offset of the failing item within the chunk.
         self.base = index
+        self.size = 1  # how many items it stands for (a chunk of a map: its length)
         self.payload = payload
         self.status = QUEUED
         self.result: Any = None
@@ -143,7 +145,7 @@ class Batch:
 
     # -- input ---------------------------------------------------------------
 
-    def append(self, payload: Any, base: int | None = None) -> int | None:
+    def append(self, payload: Any, base: int | None = None, size: int = 1) -> int | None:
         """Add a task to an open batch; returns its index, or ``None`` if it ended."""
         with self._lock:
             if self.end_kind is not None or not self._open:
@@ -152,6 +154,7 @@ class Batch:
             slot = Slot(index, payload)
             if base is not None:
                 slot.base = base
+            slot.size = size
             self.slots.append(slot)
             self._queued.append(index)
             self._unsettled += 1

@@ -100,7 +100,9 @@ def imap(
     length = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
     size = chunksize or _auto_chunksize(length, alloter.limit)
     batch = alloter._new_batch([], None, open_input=True)
-    return _Feeder(alloter, fn, iter(iterable), size, ordered, batch).run()
+    feeder = _Feeder(alloter, fn, iter(iterable), size, ordered, batch)
+    feeder.total = length
+    return feeder.run()
 
 
 class _Feeder:
@@ -124,12 +126,13 @@ class _Feeder:
         self.ahead = 2 * alloter.limit + 2
         self.next_item = 0
         self.exhausted = False
+        self.total: int | None = None  # items, when the input has a length
 
     def run(self) -> Iterator[Any]:
         batch = self.batch
         token: Any = (None, None)
         try:
-            token = self.alloter._launch(batch, None, None)
+            token = self.alloter._launch(batch, None, self.total)
             bar = token[1]
             batch.on_slot_done = self._slot_done_with(bar)
             batch.on_decided = lambda: self.done.put(None)
@@ -194,7 +197,7 @@ class _Feeder:
             payload = _transport.dumps(Chunk(self.fn, items))
         except Exception as exc:
             raise SerializationError(self.next_item + _first_unpicklable(items), str(exc)) from exc
-        self.batch.append(payload, base=self.next_item)
+        self.batch.append(payload, base=self.next_item, size=len(items))
         self.next_item += len(items)
         return True
 

@@ -42,7 +42,7 @@ class _Bar:
                 if self._ended:
                     postfix["cancelled"] = self._ended
                 self._bar.set_postfix(postfix, refresh=False)
-            self._bar.update(1)
+            self._bar.update(slot.size)
 
     def set_total(self, total: int) -> None:
         with self._lock:
