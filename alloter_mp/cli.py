@@ -1,0 +1,305 @@
+"""The ``alloter-mp`` command (also ``python -m alloter_mp``).
+
+This module only reads the command line and reports user errors; the work is
+done by :mod:`alloter_mp._cli_run` (``run``: a program per input) and
+:mod:`alloter_mp._cli_call` (``call``: a Python function in worker processes).
+User errors end with one ``error:`` line and status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+__all__ = ["main"]
+
+_PROG = "alloter-mp"
+
+_DESCRIPTION = """\
+Fan work out over processes with a limit, one overall timeout, and the first
+failure ending the rest (the command-line face of the alloter_mp library).
+"""
+
+_EPILOG = """\
+examples:
+  ls *.log | alloter-mp run -j 4 -- gzip -9 {}
+  alloter-mp run --timeout 60 -- curl -fsS -o {}.html https://{} ::: example.org example.com
+  printf '[1, 2]\\n[3, 4]\\n' | alloter-mp call operator:add
+
+run "alloter-mp run --help" or "alloter-mp call --help" for the details.
+"""
+
+_RUN_DESCRIPTION = """\
+Run COMMAND once per input: each line of stdin, or each argument after ':::'.
+'{}' in COMMAND's arguments is replaced by the input (also inside a longer
+argument, e.g. {}.gz); without '{}' the input is added as the last argument.
+COMMAND runs without a shell; write one yourself for pipes or redirections.
+
+Jobs start in input order, at most N at once. Each job's stdout and stderr are
+captured and written without mixing lines of different jobs, in input order.
+Without --keep-going the first job that fails ends the running jobs (their
+whole process groups) and skips the rest, and its exit status is the tool's.
+
+exit status: 0 all jobs succeeded; the failing job's status (128+N if a signal
+N killed it); 124 --timeout passed; 127 COMMAND not found; 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); 2 bad arguments.
+"""
+
+_RUN_EPILOG = """\
+examples:
+  # checksum every file found, 8 at a time
+  find . -type f | alloter-mp run -j 8 -- sha256sum {}
+  # inputs as arguments; '{}' inside a longer argument
+  alloter-mp run -- cp {} backup/{}.bak ::: a.conf b.conf c.conf
+  # a shell for redirections: pass the input as "$1", never paste it into the script
+  ls *.txt | alloter-mp run -- sh -c 'gzip -c "$1" > "$1.gz"' sh {}
+  # every job runs even if some fail; a JSON line per job in jobs.jsonl
+  alloter-mp run --keep-going --report jobs.jsonl -- ping -c1 {} ::: host1 host2
+  # give the whole batch 10 minutes (exit status 124 if it takes longer)
+  alloter-mp run --timeout 600 --progress -- ./process.sh {} < list.txt
+
+report lines look like:
+  {"index": 0, "input": "a", "command": ["gzip", "a"], "status": "ok",
+   "exit_code": 0, "wall_s": 0.012, "peak_rss": 1589248}
+  status is one of ok, failed, killed (ended because another job failed or
+  the tool was interrupted), timeout, skipped (never started: exit_code null).
+"""
+
+_CALL_DESCRIPTION = """\
+Call a Python function once per line of stdin, in worker processes. Each line is
+one JSON value: a list is passed as positional arguments, an object as keyword
+arguments, anything else as the only argument (blank lines are ignored). One JSON
+line with the result is written per input, in input order. MODULE is imported
+as 'python -m' would, so modules in the current directory are found; print()
+inside the function goes to stderr.
+
+A failure prints the remote traceback on stderr and exits 1 (the other calls
+are ended). With --keep-going every call runs, a failed input's line is
+{"error": {"type": ..., "message": ...}}, and the exit status is 1 at the end.
+
+exit status: 0 all calls returned; 1 a call failed; 124 --timeout passed;
+130 interrupted (Ctrl-C); 2 bad arguments, bad JSON, unknown module or function.
+"""
+
+_CALL_EPILOG = """\
+examples:
+  printf '[1, 2]\\n[3, 4]\\n' | alloter-mp call operator:add          # 3, 7
+  printf '{"x": 2}\\n{"x": 3}\\n' | alloter-mp call mymodule:square   # square(x=2), ...
+  seq 1 100 | alloter-mp call -j 8 --timeout 60 mymodule:simulate
+  jq -c '.[]' inputs.json | alloter-mp call --keep-going mymodule:fit > results.jsonl
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, with a pointer to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _job_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _grace(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("alloter-mp")
+    except Exception:  # not installed: a source checkout
+        package = sys.modules.get("alloter_mp")
+        return str(getattr(package, "__version__", "unknown"))
+
+
+def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        metavar="N",
+        type=_job_limit,
+        default=0,
+        help=f"run at most N {what} at once (default: 0, one per CPU)",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        help="seconds for the whole batch; when they pass, everything is ended "
+        "and the status is 124",
+    )
+    outcome = (
+        "the status is then the first failure's in input order"
+        if what == "jobs"
+        else "failed inputs get an error line, and the status is 1 at the end"
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help=f"run every {what[:-1]} even when some fail; {outcome}",
+    )
+    parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the whole command (``run`` and ``call``)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=_PROG, description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="{run,call}", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="run a command once per input line (or per argument after :::)",
+        usage="%(prog)s [options] [--] COMMAND [ARG...] [::: INPUT...]",
+        description=_RUN_DESCRIPTION,
+        epilog=_RUN_EPILOG,
+        formatter_class=fmt,
+    )
+    _add_common(run, "jobs")
+    run.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write one JSON line per job to FILE (skipped and killed jobs included)",
+    )
+    run.add_argument(
+        "--grace",
+        metavar="S",
+        type=_grace,
+        default=1.0,
+        help="seconds an ended job gets after SIGTERM before SIGKILL (default: 1)",
+    )
+    run.add_argument(
+        "--unordered",
+        action="store_true",
+        help="write each job's output whole as soon as it ends, instead of in input order",
+    )
+    run.add_argument(
+        "-0",
+        "--null",
+        action="store_true",
+        help="stdin inputs are separated by NUL characters (find -print0), not lines",
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(handler=_run, subparser=run)
+
+    call = sub.add_parser(
+        "call",
+        help="call a Python function once per JSON line of stdin",
+        usage="%(prog)s [options] MODULE:FUNCTION",
+        description=_CALL_DESCRIPTION,
+        epilog=_CALL_EPILOG,
+        formatter_class=fmt,
+    )
+    call.add_argument("target", metavar="MODULE:FUNCTION", help="the function to call")
+    _add_common(call, "calls")
+    call.set_defaults(handler=_call, subparser=call)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from alloter_mp import _cli_run
+
+    run_parser: argparse.ArgumentParser = args.subparser
+    command: list[str] = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    inputs: list[str] | None = None
+    if ":::" in command:
+        cut = command.index(":::")
+        command, inputs = command[:cut], command[cut + 1 :]
+    if not command:
+        run_parser.error("no COMMAND given (put it after the options, e.g. -- echo {})")
+    report = None
+    if args.report is not None:
+        try:
+            report = open(args.report, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            run_parser.error(f"cannot write the report {args.report!r}: {exc.strerror or exc}")
+    try:
+        if inputs is None:
+            if sys.stdin.isatty():
+                sys.stderr.write(
+                    f"{_PROG}: reading inputs from the terminal, one per line; "
+                    "end with Ctrl-D (or give them after :::)\n"
+                )
+            inputs = _cli_run.read_inputs(sys.stdin.buffer, null=args.null)
+        opts = _cli_run.RunOptions(
+            command=command,
+            inputs=inputs,
+            limit=args.jobs or os.cpu_count() or 1,
+            timeout=args.timeout,
+            keep_going=args.keep_going,
+            progress=args.progress,
+            report=report,
+            grace=args.grace,
+            ordered=not args.unordered,
+        )
+        return _cli_run.run_jobs(opts)
+    finally:
+        if report is not None:
+            report.close()
+
+
+def _call(args: argparse.Namespace) -> int:
+    from alloter_mp import _cli_call
+
+    return _cli_call.call_command(
+        args.target,
+        limit=args.jobs or None,
+        timeout=args.timeout,
+        keep_going=args.keep_going,
+        progress=args.progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``alloter-mp`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit status; user errors exit with status 2 through argparse.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.subcommand is None:
+            parser.error("choose a command: run or call")
+        status: int = args.handler(args)
+        return status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away: stay quiet, as a pipeline stage does.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141

@@ -1,0 +1,176 @@
+"""The ready-made scripts in ``scripts/``, run as a user would run them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKSUM = REPO / "scripts" / "checksum_tree.py"
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def checksum(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CHECKSUM), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_env(),
+        timeout=45,
+    )
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("checksum_tree", CHECKSUM)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "top.txt").write_bytes(b"top\n")
+    (root / "a" / "one.bin").write_bytes(os.urandom(3 << 20))  # several read blocks
+    (root / "a" / "b" / "with space.txt").write_bytes(b"")
+    (root / "a" / "b" / "z.txt").write_bytes(b"zzz")
+    (root / "link").symlink_to(root / "top.txt")
+    return root
+
+
+def expected(root: Path, algorithm: str = "sha256") -> str:
+    names = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+    )
+    return "".join(
+        f"{hashlib.new(algorithm, (root / n).read_bytes()).hexdigest()}  {n}\n" for n in names
+    )
+
+
+def test_checksums_every_regular_file_sorted(tree: Path) -> None:
+    res = checksum("-j", "2", str(tree))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected(tree)
+    assert len(res.stdout.splitlines()) == 4  # the symlink is not followed
+    assert res.stderr == ""
+
+
+def test_output_file_and_algorithm(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sums.md5"
+    res = checksum("--algorithm", "md5", "-o", str(out), str(tree))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""
+    assert out.read_text() == expected(tree, "md5")
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs GNU sha256sum")
+def test_sha256sum_can_check_the_output(tree: Path, tmp_path: Path) -> None:
+    sums = tmp_path / "sums.txt"
+    assert checksum("-o", str(sums), str(tree)).returncode == 0
+    check = subprocess.run(
+        ["sha256sum", "-c", str(sums)], cwd=tree, capture_output=True, text=True, timeout=45
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    (tree / "top.txt").write_bytes(b"changed\n")
+    check = subprocess.run(
+        ["sha256sum", "-c", str(sums)], cwd=tree, capture_output=True, text=True, timeout=45
+    )
+    assert check.returncode == 1
+
+
+def test_an_empty_folder_gives_no_lines(tmp_path: Path) -> None:
+    res = checksum(str(tmp_path))
+    assert (res.returncode, res.stdout) == (0, "")
+
+
+def test_timeout_stops_the_hashing(tmp_path: Path) -> None:
+    big = tmp_path / "big" / "sparse.bin"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(64 << 30)  # 64 GiB of holes: minutes of hashing, no disk used
+    proc = subprocess.Popen(
+        [sys.executable, str(CHECKSUM), "-j", "1", "--timeout", "1.5", str(big.parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    started = time.monotonic()
+    seen: set[psutil.Process] = set()
+    try:
+        while proc.poll() is None and time.monotonic() - started < 40:
+            try:
+                seen.update(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 124, err
+    assert time.monotonic() - started < 30
+    assert out == "" and "timed out" in err
+    assert seen, "the script never started a worker"
+    end = time.monotonic() + 5
+    while any(_alive(p) for p in seen) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not [p.pid for p in seen if _alive(p)]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["/nonexistent/folder"], ["-a", "nope", "."], ["--timeout", "0", "."], ["-j", "x", "."], []],
+)
+def test_bad_arguments_exit_2(args: list[str], tmp_path: Path) -> None:
+    res = checksum(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help() -> None:
+    res = checksum("--help")
+    assert res.returncode == 0
+    assert "sha256sum" in res.stdout and "--timeout" in res.stdout
+
+
+def test_names_that_need_escaping() -> None:
+    script = load_script()
+    assert script.sum_line("ab", "plain name") == "ab  plain name\n"
+    assert script.sum_line("ab", "new\nline") == "\\ab  new\\nline\n"
+    assert script.sum_line("ab", "back\\slash") == "\\ab  back\\\\slash\n"
+
+
+def test_hash_file_matches_hashlib(tmp_path: Path) -> None:
+    script = load_script()
+    data = os.urandom((2 << 20) + 17)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert script.hash_file(str(path)) == hashlib.sha256(data).hexdigest()
+    assert script.hash_file(str(path), "blake2b") == hashlib.blake2b(data).hexdigest()
