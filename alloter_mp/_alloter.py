@@ -7,6 +7,7 @@ its :class:`~alloter_mp._pool.WorkerPool` and waits for the batch's outcome.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import weakref
@@ -177,6 +178,7 @@ class ProcessAlloter:
         payloads, blob = self._payloads(chunks, _mapping.first_unpicklable_item)
         batch = self._new_batch(payloads, None)
         batch.blob = blob
+        batch.even = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
@@ -185,7 +187,7 @@ class ProcessAlloter:
             self._wait(batch, settle=False)
         finally:
             self._finish(batch, None, token)
-        return [item for part in batch.results() for item in part]
+        return list(itertools.chain.from_iterable(batch.results()))
 
     def imap(
         self,

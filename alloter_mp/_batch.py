@@ -100,6 +100,8 @@ class Batch:
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
+        # The tasks are even chunks of one map: sending two ahead is safe.
+        self.even = False
         self._queued: deque[int] = deque(range(len(payloads)))
         self._lock = threading.Lock()
         self._open = open_input

@@ -28,6 +28,8 @@ __all__ = ["Chunk", "imap"]
 # A chunk of unknown-length input aims at about this much work.
 TARGET_CHUNK_SECONDS = 0.02
 MOST_PER_CHUNK = 4096
+# A chunk looks at the cancel flag once per this many items.
+_BLOCK = 16
 
 
 class Chunk:
@@ -45,21 +47,24 @@ class Chunk:
 
     def __call__(self) -> list[Any]:
         fn = self.fn
+        items = self.items
+        shared = _worker.chunk_view()
+        if shared is None:  # outside a worker: nothing to report to
+            return [fn(item) for item in items]
+        words, batch_id = shared
         out: list[Any] = []
         append = out.append
-        shared = _worker.chunk_view()
         offset = 0
         try:
-            if shared is None:
-                for offset, item in enumerate(self.items):  # noqa: B007 (read in except)
-                    append(fn(item))
-            else:
-                words, batch_id = shared
-                for offset, item in enumerate(self.items):
+            # Each item's offset goes to shared memory, so that a crash names the
+            # item; cancellation is looked at once per block, which keeps the loop
+            # close to a plain map for tiny items.
+            for start in range(0, len(items), _BLOCK):
+                if words[0] == batch_id:
+                    raise Cancelled("the call was cancelled")
+                for offset in range(start, min(start + _BLOCK, len(items))):
                     words[1] = offset
-                    if words[0] == batch_id:
-                        raise Cancelled("the call was cancelled")
-                    append(fn(item))
+                    append(fn(items[offset]))
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 setattr(exc, _transport.OFFSET_ATTR, offset)

@@ -493,21 +493,28 @@ class WorkerPool:
                 continue
             run: _Run = batch.runner_state
             owner = run.owner
-            depth = _ahead_depth(run)
-            if depth > 1:
-                for w in self._workers:
-                    if w.batch is batch and w.kill_reason is None and not w.stopping:
-                        room = depth - len(w.pipeline)
-                        if room > 0 and w.inflight < AHEAD_BYTES:
-                            self._send(w, batch, batch.take(min(room, self._share(batch))))
+            depth = _ahead_depth(batch, run)
+            # Idle (or new) workers first; only then send ahead to busy ones, so a
+            # task never waits behind another while a worker could run it.
             for w in self._workers:
                 if not batch.has_queued() or owner.full():
                     break
                 if w.idle and w.batch is None:
                     self._send(w, batch, batch.take(min(depth, self._share(batch))))
             while batch.has_queued() and not owner.full() and self._can_spawn():
-                w = self._spawn()
+                try:
+                    w = self._spawn()
+                except Exception as exc:  # out of processes or descriptors, say
+                    if not any(x.batch is batch for x in self._workers):
+                        batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
+                    break
                 self._send(w, batch, batch.take(min(depth, self._share(batch))))
+            if depth > 1 and batch.has_queued():
+                for w in self._workers:
+                    if w.batch is batch and w.kill_reason is None and not w.stopping:
+                        room = depth - len(w.pipeline)
+                        if room > 0 and w.inflight < AHEAD_BYTES:
+                            self._send(w, batch, batch.take(min(room, self._share(batch))))
         if self._elastic:
             self._trim_idle()
 
@@ -721,7 +728,8 @@ class WorkerPool:
         with contextlib.suppress(ValueError):
             w.proc.close()
         if replace and not self._closing and not self._elastic and self._can_spawn():
-            self._spawn()
+            with contextlib.suppress(Exception):  # dispatch will try again on demand
+                self._spawn()
 
     def _release(self) -> None:
         self._closed.set()
@@ -743,9 +751,11 @@ def _memory_limit(w: _Worker) -> int | None:
     return limit
 
 
-def _ahead_depth(run: _Run) -> int:
+def _ahead_depth(batch: Batch, run: _Run) -> int:
     if run.avg_wall is None:
-        return 1
+        # Nothing measured yet: a map's even chunks may go two to a worker, so it
+        # never waits for a round trip between them; other tasks go one at a time.
+        return 2 if batch.even else 1
     return max(1, min(AHEAD_MOST, int(AHEAD_SECONDS / max(run.avg_wall, 1e-6))))
 
 
