@@ -127,14 +127,13 @@ class _Owner:
 class _Run:
     """The pool's bookkeeping for one batch it runs."""
 
-    __slots__ = ("avg_wall", "end_handled", "memory_limit", "owner", "settled_seen")
+    __slots__ = ("avg_wall", "end_handled", "memory_limit", "owner")
 
     def __init__(self, owner: _Owner, memory_limit: int | None) -> None:
         self.owner = owner
         self.memory_limit = memory_limit
         self.end_handled = False
         self.avg_wall: float | None = None
-        self.settled_seen = False
 
 
 class _Worker:
@@ -149,7 +148,6 @@ class _Worker:
         "init_error",
         "kill_deadline",
         "kill_reason",
-        "killed_at",
         "mem_peak",
         "owner",
         "pid",
@@ -178,7 +176,6 @@ class _Worker:
         self.stopping = False
         self.kill_reason: str | None = None  # "end" | "memory" | "close"
         self.kill_deadline: float | None = None
-        self.killed_at = 0.0
         self.tree: list[psutil.Process] = []
         self.mem_peak = 0
         self.init_error: _transport.ExceptionInfo | None = None
@@ -251,7 +248,6 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._inbox: deque[tuple[Batch, _Owner, int | None]] = deque()
         self._closing = False
-        self._closed = threading.Event()
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -597,7 +593,6 @@ class WorkerPool:
             return
         if w.kill_reason is None:
             w.kill_reason = reason
-            w.killed_at = now
         w.tree = _proctree.descendants(w.pid)
         if hard:
             _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
@@ -732,7 +727,6 @@ class WorkerPool:
                 self._spawn()
 
     def _release(self) -> None:
-        self._closed.set()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
