@@ -231,7 +231,12 @@ def _current_rss() -> int:
 
 
 def _watch_lifeline(lifeline: Any) -> None:
-    """Kill this worker's whole group when the parent's end of the lifeline closes."""
+    """Kill this worker's whole group when the parent's end of the lifeline closes.
+
+    This is the only parent-death mechanism on purpose: ``PR_SET_PDEATHSIG`` would
+    have the kernel SIGKILL the worker the moment its parent dies, before this
+    thread could end the processes the running task started.
+    """
     with contextlib.suppress(OSError, EOFError):
         lifeline.poll(None)
     # The parent is gone (or closed the pipe): nobody will read our results.
@@ -245,19 +250,6 @@ def _watch_lifeline(lifeline: Any) -> None:
     with contextlib.suppress(OSError):
         os.killpg(os.getpid(), signal.SIGKILL)
     os._exit(70)
-
-
-def _set_parent_death_signal() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # the lifeline covers this on its own
-        pass
 
 
 def _become_group_leader() -> None:
@@ -275,7 +267,6 @@ def worker_main(
     faulthandler.enable()
     with contextlib.suppress(Exception):
         lifeline_w.close()  # under fork we inherited the parent's end: drop it
-    _set_parent_death_signal()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     _state.flag = flag
     _state.view = memoryview(flag).cast("B").cast("q")

@@ -15,7 +15,7 @@ import time
 import _tasks
 import psutil
 import pytest
-from conftest import live_descendants, open_fds, pid_gone, wait_no_descendants
+from _procs import live_descendants, open_fds, pid_gone, wait_no_descendants
 
 import alloter_mp
 from alloter_mp import (

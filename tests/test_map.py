@@ -6,10 +6,10 @@ import functools
 import itertools
 import time
 
-import pytest
-from conftest import pid_gone
-
 import _tasks
+import pytest
+from _procs import pid_gone
+
 from alloter_mp import ExecTimeout, ProcessAlloter, TaskError
 
 

@@ -1,0 +1,291 @@
+"""Fault-task factories shared by the reliability tests (model, soak, parent death,
+start methods).
+
+Every task records what it did in a *marker directory*, so a test can check from
+outside which tasks really started, which worker ran them and which processes they
+started:
+
+* ``<i>.start``  written first thing by task ``i``: ``"<worker pid>"``;
+* ``<i>.child``  one line ``"<pid> <create_time>"`` per process the task started;
+* ``<i>.cancel`` written when a cooperative task saw ``alloter_mp.cancelled()``.
+
+Tasks are ``functools.partial`` objects over module-level functions, so they pickle
+by reference under every start method (the tests directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from _procs import live_descendants, open_fds  # noqa: F401 (the tests use them as F.*)
+
+import alloter_mp
+
+# -- the kinds of task ------------------------------------------------------------
+
+VALUE = "value"  # return a value at once
+SLEEP = "sleep"  # sleep briefly, then return a value
+RAISE = "raise"  # raise ValueError
+SEGFAULT = "segfault"  # read address 0
+EXIT = "exit"  # os._exit(code)
+SIGKILL_SELF = "sigkill_self"  # SIGKILL its own worker
+UNPICKLABLE = "unpicklable"  # return a threading.Lock
+MEMORY = "memory"  # allocate until the memory limit kills it
+SLEEP_LONG = "sleep_long"  # sleep far past any timeout, ignoring cancelled()
+COOPERATIVE = "cooperative"  # wait for cancelled(), then return by itself
+IGNORE_TERM = "ignore_term"  # ignore SIGTERM and spin
+CHILD_HANG = "child_hang"  # start a child process (several ways) and hang
+
+# The task returns a value by itself.
+BENIGN = frozenset({VALUE, SLEEP})
+# The task fails, and the failure is known as soon as it runs.
+FAILING = frozenset({RAISE, SEGFAULT, EXIT, SIGKILL_SELF, UNPICKLABLE, MEMORY})
+# Failures that kill the worker process: WorkerCrashed.
+CRASHING = frozenset({SEGFAULT, EXIT, SIGKILL_SELF, MEMORY})
+# The task never ends by itself (within any timeout a test uses): it must be ended.
+HANGING = frozenset({SLEEP_LONG, COOPERATIVE, IGNORE_TERM, CHILD_HANG})
+# Hanging tasks that a kill must end (a cooperative one may return by itself).
+MUST_BE_KILLED = frozenset({SLEEP_LONG, IGNORE_TERM, CHILD_HANG})
+
+ALL_KINDS = (
+    VALUE, SLEEP, RAISE, SEGFAULT, EXIT, SIGKILL_SELF, UNPICKLABLE, MEMORY,
+    SLEEP_LONG, COOPERATIVE, IGNORE_TERM, CHILD_HANG,
+)  # fmt: skip
+
+# How a CHILD_HANG task starts its child.
+CHILD_MODES = (
+    "group",  # a plain child: in the worker's process group
+    "session",  # a child in a session of its own: only psutil's descendants reach it
+    "orphan",  # a grandchild whose parent exited: only the process group reaches it
+)
+
+HANG_SECONDS = 30.0
+MEMORY_STEP = 16 * 1024 * 1024
+MEMORY_MOST = 2 * 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One task of a generated batch: what it does, and the parameter it needs."""
+
+    kind: str
+    param: Any = None
+
+    def expected_result(self, index: int) -> Any:
+        """What the task returns when it succeeds (only for BENIGN kinds)."""
+        return ("r", index, self.param)
+
+
+# -- markers ----------------------------------------------------------------------
+
+
+def _write(path: Path, text: str, mode: str = "w") -> None:
+    with open(path, mode) as f:
+        f.write(text)
+        f.flush()
+
+
+def _mark_start(d: str, i: int) -> None:
+    _write(Path(d) / f"{i}.start", str(os.getpid()))
+
+
+def _record_child(d: str, i: int, pid: int) -> None:
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return
+    _write(Path(d) / f"{i}.child", f"{pid} {created}\n", "a")
+
+
+def started(d: str | Path) -> dict[int, int]:
+    """``{task index: worker pid}`` of every task that started."""
+    out = {}
+    for p in Path(d).glob("*.start"):
+        text = p.read_text().strip()
+        if text:
+            out[int(p.name.split(".")[0])] = int(text)
+    return out
+
+
+def children(d: str | Path) -> list[tuple[int, int, float]]:
+    """``(task index, pid, create_time)`` of every process a task started."""
+    out = []
+    for p in Path(d).glob("*.child"):
+        index = int(p.name.split(".")[0])
+        for line in p.read_text().splitlines():
+            if line.strip():
+                pid, created = line.split()
+                out.append((index, int(pid), float(created)))
+    return out
+
+
+def saw_cancel(d: str | Path) -> set[int]:
+    return {int(p.name.split(".")[0]) for p in Path(d).glob("*.cancel")}
+
+
+def is_alive(pid: int, created: float | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, given ``created``, is the same process."""
+    try:
+        proc = psutil.Process(pid)
+        if created is not None and abs(proc.create_time() - created) > 0.01:
+            return False  # the pid was reused
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pids: list[tuple[int, float | None]], timeout: float) -> list[int]:
+    """Wait until every ``(pid, create_time)`` is dead; return the pids still alive."""
+    end = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid, created in pids if is_alive(pid, created)]
+        if not alive or time.monotonic() >= end:
+            return alive
+        time.sleep(0.02)
+
+
+def kill_all(pids: list[tuple[int, float | None]]) -> None:
+    """SIGKILL what a failed check left alive, so the next test starts clean."""
+    for pid, created in pids:
+        if is_alive(pid, created):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- the task bodies (module level, so they pickle by reference) ----------------
+
+
+def value(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    return ("r", i, param)
+
+
+def sleep(d: str, i: int, param: float) -> Any:
+    _mark_start(d, i)
+    time.sleep(param)
+    return ("r", i, param)
+
+
+def raise_(d: str, i: int, param: float | None) -> Any:
+    _mark_start(d, i)
+    if param:
+        time.sleep(param)  # fail a little later, once the siblings surely run
+    raise ValueError(f"fault in task {i}")
+
+
+def segfault(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    ctypes.string_at(0)
+
+
+def exit_(d: str, i: int, param: int) -> Any:
+    _mark_start(d, i)
+    os._exit(param)
+
+
+def sigkill_self(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(HANG_SECONDS)
+
+
+def unpicklable(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    return threading.Lock()
+
+
+def memory(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    hog = []
+    while len(hog) * MEMORY_STEP < MEMORY_MOST:
+        hog.append(b"x" * MEMORY_STEP)  # bytes are written, so the pages are resident
+        time.sleep(0.002)
+    time.sleep(HANG_SECONDS)  # not killed: hang, so the test sees a timeout instead
+
+
+def sleep_long(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    time.sleep(HANG_SECONDS)
+    return ("r", i, param)
+
+
+def cooperative(d: str, i: int, param: Any) -> Any:
+    _mark_start(d, i)
+    end = time.monotonic() + HANG_SECONDS
+    while time.monotonic() < end:
+        if alloter_mp.cancelled():
+            _write(Path(d) / f"{i}.cancel", "1")
+            return "noticed"
+        time.sleep(0.005)
+    return "not noticed"
+
+
+def ignore_term(d: str, i: int, param: Any) -> Any:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _mark_start(d, i)
+    end = time.monotonic() + HANG_SECONDS
+    while time.monotonic() < end:
+        spin = time.perf_counter() + 0.001
+        while time.perf_counter() < spin:  # spin a little, sleep a little (2 cores)
+            pass
+        time.sleep(0.004)
+
+
+def child_hang(d: str, i: int, param: str) -> Any:
+    _mark_start(d, i)
+    if param == "orphan":
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        _record_child(d, i, int(out.stdout.strip()))
+    else:
+        child = subprocess.Popen(["sleep", "60"], start_new_session=(param == "session"))
+        _record_child(d, i, child.pid)
+    time.sleep(HANG_SECONDS)
+
+
+_BODIES: dict[str, Callable[..., Any]] = {
+    VALUE: value,
+    SLEEP: sleep,
+    RAISE: raise_,
+    SEGFAULT: segfault,
+    EXIT: exit_,
+    SIGKILL_SELF: sigkill_self,
+    UNPICKLABLE: unpicklable,
+    MEMORY: memory,
+    SLEEP_LONG: sleep_long,
+    COOPERATIVE: cooperative,
+    IGNORE_TERM: ignore_term,
+    CHILD_HANG: child_hang,
+}
+
+
+def make_task(fault: Fault, index: int, marker_dir: str | Path) -> Callable[[], Any]:
+    """The task (a picklable zero-argument callable) for ``fault`` at ``index``."""
+    return functools.partial(_BODIES[fault.kind], str(marker_dir), index, fault.param)
+
+
+def expected_exitcode(fault: Fault) -> int | None:
+    """The ``WorkerCrashed.exitcode`` a crashing fault gives."""
+    if fault.kind == SEGFAULT:
+        return -signal.SIGSEGV
+    if fault.kind == EXIT:
+        return int(fault.param)
+    if fault.kind in (SIGKILL_SELF, MEMORY):
+        return -signal.SIGKILL
+    raise ValueError(f"{fault.kind} does not crash")

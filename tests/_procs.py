@@ -1,0 +1,66 @@
+"""Process and descriptor accounting for the leak checks of the tests.
+
+multiprocessing's fork server and resource tracker are helper processes that live
+as long as the program once started; they are not workers and not leaks, so the
+process counts here leave them out (and only them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+HELPERS = ("forkserver", "resource_tracker")
+
+
+def live_descendants(root: psutil.Process | None = None) -> list[psutil.Process]:
+    """Live descendants of ``root`` (this process) other than multiprocessing helpers.
+
+    The helpers (fork server, resource tracker) are *direct* children running
+    multiprocessing's helper code. Workers forked by the fork server inherit its
+    command line, so the command line alone cannot tell them apart: they are the
+    fork server's children, not ours, and they count.
+    """
+    root = root or psutil.Process()
+    out = []
+    for proc in root.children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())
+            direct = proc.ppid() == root.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if direct and any(h in cmdline for h in HELPERS):
+            continue
+        out.append(proc)
+    return out
+
+
+def wait_no_descendants(timeout: float = 5.0) -> list[psutil.Process]:
+    """Wait until no (non-helper) descendant is alive; return those still alive."""
+    end = time.monotonic() + timeout
+    while True:
+        alive = live_descendants()
+        if not alive or time.monotonic() > end:
+            return alive
+        time.sleep(0.05)
+
+
+def pid_gone(pid: int, timeout: float = 5.0) -> bool:
+    """True once ``pid`` is dead (a zombie counts as dead) within ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0

@@ -1,0 +1,522 @@
+"""A randomized model test: random batches of faulty tasks against the contract.
+
+Each example draws a batch of up to 30 tasks from the kinds in :mod:`_faults`
+(return a value, raise, sleep briefly, sleep past the timeout, segfault,
+``os._exit``, SIGKILL itself, ignore SIGTERM and spin, start a child and hang,
+return an unpicklable value, allocate past the memory limit, wait for
+``cancelled()``), a random limit, timeout, ``cancel_grace`` and memory limit, and
+sometimes a ``Context`` with a deadline or cancelled from another thread. It runs
+the batch with ``exec``/``exec_with_context`` or ``exec_report`` on a fresh alloter
+and checks:
+
+* the outcome is one the contract allows: the results in order when every task
+  returns; otherwise an error of the right type whose index is a task that really
+  started and really fails (``WorkerCrashed`` with the right exit code for a crash,
+  ``MemoryLimitExceeded`` for the memory hog, a ``TaskError`` caused by the task's
+  ``ValueError``...); ``ExecTimeout`` only once the deadline passed and soon after
+  it; ``Cancelled`` only once the context was cancelled and soon after;
+* the outcome is forced where the model can tell: a batch of benign tasks with time
+  to spare succeeds; a batch with an instant failure among its first ``limit``
+  tasks fails with a ``TaskError`` before any deadline (fast return);
+* a report's statuses agree with what ran: ``skipped`` tasks never started, tasks
+  that started were not ``skipped``, tasks that must be killed are not ``ok``;
+* afterwards: the worker of every task that had to be killed is dead, every child
+  process a task started is dead, a cooperative task saw ``cancelled()`` (when the
+  grace allowed it), the only processes left are the alloter's live workers, with
+  no descendants; the alloter still runs a batch correctly; after ``close()`` no
+  process is left and the open file descriptors are back to their baseline.
+
+Reproducing: the test is derandomized (same examples on every run) unless
+``ALLOTER_MODEL_SEED`` is set; ``ALLOTER_MODEL_EXAMPLES`` sets the number of
+examples (default 200) and ``ALLOTER_MODEL_SHRINK=1`` turns on shrinking (slow:
+every shrink step runs real processes). A failure prints the scenario (``note``)
+and Hypothesis's ``@reproduce_failure`` blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import _faults as F
+import pytest
+from _faults import Fault
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import strategies as st
+
+from alloter_mp import (
+    Cancelled,
+    Context,
+    ExecTimeout,
+    MemoryLimitExceeded,
+    ProcessAlloter,
+    TaskError,
+    WorkerCrashed,
+)
+
+# Hypothesis imports libcst to print a patch for a failing example; libcst triggers a
+# DeprecationWarning (mypy_extensions), which the strict warning filter turns into an
+# internal error that hides the failure. Import it here, once, with warnings ignored.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with contextlib.suppress(ImportError):
+        import hypothesis.extra._patching  # noqa: F401
+
+EXAMPLES = int(os.environ.get("ALLOTER_MODEL_EXAMPLES", "200"))
+SEED = os.environ.get("ALLOTER_MODEL_SEED")
+SHRINK = os.environ.get("ALLOTER_MODEL_SHRINK") == "1"
+
+MEMORY_LIMIT = 96 * 1024 * 1024
+# How late ExecTimeout / Cancelled may come (the contract says 50 ms; this leaves
+# room for a loaded 2-core CI machine while still catching a missed deadline).
+LATE = 0.3
+# The pool's SIGTERM -> SIGKILL escalation (alloter_mp._pool.KILL_ESCALATION) plus room.
+KILL_SLACK = 0.2 + 2.5
+
+# -- scenarios ------------------------------------------------------------------------
+
+# Kinds weighted so that most batches mix a few faults into ordinary work.
+_KIND_WEIGHTS = {
+    F.VALUE: 10,
+    F.SLEEP: 3,
+    F.RAISE: 2,
+    F.SEGFAULT: 1,
+    F.EXIT: 1,
+    F.SIGKILL_SELF: 1,
+    F.UNPICKLABLE: 1,
+    F.MEMORY: 1,
+    F.SLEEP_LONG: 1,
+    F.COOPERATIVE: 1,
+    F.IGNORE_TERM: 1,
+    F.CHILD_HANG: 1,
+}
+_WEIGHTED_KINDS = [k for k, n in _KIND_WEIGHTS.items() for _ in range(n)]
+
+_PARAMS: dict[str, st.SearchStrategy[Any]] = {
+    F.VALUE: st.integers(0, 10_000),
+    F.SLEEP: st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.3]),
+    F.EXIT: st.sampled_from([0, 1, 3, 70]),
+    F.CHILD_HANG: st.sampled_from(F.CHILD_MODES),
+}
+
+
+@st.composite
+def faults(draw: st.DrawFn, memory: bool) -> Fault:
+    kind = draw(st.sampled_from(_WEIGHTED_KINDS))
+    if kind == F.MEMORY and not memory:
+        kind = F.RAISE  # without a memory limit the hog would never be stopped
+    param = draw(_PARAMS[kind]) if kind in _PARAMS else None
+    return Fault(kind, param)
+
+
+@dataclass
+class Scenario:
+    limit: int
+    timeout: float | None
+    grace: float
+    memory_limit: int | None
+    ctx_mode: str  # none | deadline | cancel | child_cancel | pre_cancelled
+    ctx_after: float
+    entry: str  # exec | report
+    faults: list[Fault] = field(default_factory=list)
+
+    def short(self) -> str:
+        kinds = ",".join(f.kind if f.param is None else f"{f.kind}({f.param})" for f in self.faults)
+        return (
+            f"limit={self.limit} timeout={self.timeout} grace={self.grace} "
+            f"memory_limit={self.memory_limit} ctx={self.ctx_mode}@{self.ctx_after} "
+            f"entry={self.entry} tasks=[{kinds}]"
+        )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    memory = draw(st.booleans())
+    sc = Scenario(
+        limit=draw(st.sampled_from([1, 2, 3, 5])),
+        timeout=draw(st.sampled_from([None, 0.4, 0.8, 1.5])),
+        grace=draw(st.sampled_from([0.0, 0.05, 0.25])),
+        memory_limit=MEMORY_LIMIT if memory else None,
+        ctx_mode=draw(
+            st.sampled_from(
+                [
+                    *("none", "none", "none", "deadline", "deadline"),
+                    *("cancel", "child_cancel", "pre_cancelled"),
+                ]
+            )
+        ),
+        ctx_after=draw(st.sampled_from([0.05, 0.2, 0.5, 1.2])),
+        entry=draw(st.sampled_from(["exec", "report"])),
+        faults=draw(
+            st.sampled_from(range(31)).flatmap(
+                lambda n: st.lists(faults(memory), min_size=n, max_size=n)
+            )
+        ),
+    )
+    hangs = any(f.kind in F.HANGING for f in sc.faults)
+    if hangs and sc.timeout is None and sc.ctx_mode == "none":
+        sc.ctx_mode = "deadline"  # something must end a batch that cannot end by itself
+    return sc
+
+
+# -- bookkeeping for the whole run -------------------------------------------------------
+
+
+class _Run:
+    examples = 0
+    first_failure: int | None = None
+    fd_baseline: int | None = None
+    worst_late = 0.0
+    outcomes: ClassVar[Counter[str]] = Counter()
+    sizes: ClassVar[Counter[str]] = Counter()
+
+
+def _fd_baseline() -> int:
+    if _Run.fd_baseline is None:
+        # Warm up: the fork server, the resource tracker and lazily opened files.
+        with ProcessAlloter(2) as a:
+            a.exec(lambda: 1, lambda: 2)
+        _wait_for(lambda: not F.live_descendants(), 5.0)
+        _Run.fd_baseline = F.open_fds()
+    return _Run.fd_baseline
+
+
+def _wait_for(condition: Any, timeout: float, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(step)
+
+
+# -- one example ----------------------------------------------------------------------
+
+
+@dataclass
+class Observed:
+    outcome: BaseException | None
+    results: list[Any] | None
+    report: Any
+    elapsed: float
+    deadline: float | None  # relative to the call's start
+    cancel_at: float | None  # relative to the call's start
+
+
+def _run_batch(a: ProcessAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
+    ctx: Context | None = None
+    parent: Context | None = None
+    timer: threading.Timer | None = None
+    t0 = time.monotonic()
+    cancel_at: float | None = None
+    if sc.ctx_mode == "deadline":
+        ctx = Context(timeout=sc.ctx_after)
+    elif sc.ctx_mode in ("cancel", "child_cancel"):
+        parent = Context()
+        ctx = parent.child() if sc.ctx_mode == "child_cancel" else parent
+        timer = threading.Timer(sc.ctx_after, parent.cancel, args=("model",))
+        cancel_at = sc.ctx_after
+    elif sc.ctx_mode == "pre_cancelled":
+        ctx = Context()
+        ctx.cancel("before the call")
+        cancel_at = 0.0
+    deadlines = []
+    if sc.timeout is not None:
+        deadlines.append(sc.timeout)
+    if ctx is not None and ctx.deadline is not None:
+        deadlines.append(ctx.deadline - t0)
+    deadline = min(deadlines) if deadlines else None
+
+    outcome: BaseException | None = None
+    results = None
+    report = None
+    t0 = time.monotonic()
+    if timer is not None:
+        timer.start()
+    try:
+        if sc.entry == "report":
+            report = a.exec_report(*tasks, ctx=ctx)
+            try:
+                report.raise_for_status()
+            except (TaskError, ExecTimeout, Cancelled) as exc:
+                outcome = exc
+        elif ctx is not None:
+            results = a.exec_with_context(ctx, *tasks)
+        else:
+            results = a.exec(*tasks)
+    except (TaskError, ExecTimeout, Cancelled) as exc:
+        outcome = exc
+    finally:
+        elapsed = time.monotonic() - t0
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+    if report is not None:
+        results = None if outcome is not None else [t.result for t in report.tasks]
+    return Observed(outcome, results, report, elapsed, deadline, cancel_at)
+
+
+def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
+    kinds = [f.kind for f in sc.faults]
+    started = F.started(d)
+    failing = any(k in F.FAILING for k in kinds)
+    hanging = any(k in F.HANGING for k in kinds)
+    out = obs.outcome
+    deadline, cancel_at, elapsed = obs.deadline, obs.cancel_at, obs.elapsed
+    # exec returns at the decision; exec_report waits until every task has ended.
+    timed = sc.entry == "exec"
+
+    if sc.ctx_mode == "pre_cancelled" and sc.faults:
+        assert isinstance(out, Cancelled), f"a cancelled context must raise Cancelled, got {out!r}"
+        assert not started, f"a call under a cancelled context started tasks {sorted(started)}"
+        return
+
+    if out is None:
+        assert not failing and not hanging, "exec returned although a task fails or never ends"
+        expected = [f.expected_result(i) for i, f in enumerate(sc.faults)]
+        assert obs.results == expected, "results are not the tasks' results in task order"
+        if deadline is not None and timed:
+            assert elapsed < deadline + LATE, "returned results long after the deadline"
+        return
+
+    if isinstance(out, TaskError):
+        i = out.index
+        assert 0 <= i < len(sc.faults), f"TaskError.index {i} is not a task"
+        fault = sc.faults[i]
+        assert fault.kind in F.FAILING, f"TaskError names task {i}, a {fault.kind} that cannot fail"
+        assert i in started, f"TaskError names task {i}, which never started"
+        if fault.kind in F.CRASHING:
+            assert isinstance(out, WorkerCrashed), f"a {fault.kind} must be WorkerCrashed: {out!r}"
+            assert out.exitcode == F.expected_exitcode(fault), (
+                f"exitcode {out.exitcode} for a {fault.kind}"
+            )
+            if fault.kind == F.MEMORY:
+                assert isinstance(out, MemoryLimitExceeded), repr(out)
+                assert out.limit == sc.memory_limit
+                assert out.peak_rss > sc.memory_limit
+        else:
+            assert not isinstance(out, WorkerCrashed), f"a {fault.kind} is no crash: {out!r}"
+            if fault.kind == F.RAISE:
+                assert isinstance(out.__cause__, ValueError), repr(out.__cause__)
+                assert f"fault in task {i}" in str(out) and "ValueError" in str(out)
+                assert f"fault in task {i}" in out.remote_traceback
+            else:  # unpicklable result
+                assert "pickle" in str(out).lower(), str(out)
+        if deadline is not None and timed:
+            assert elapsed < deadline + LATE, "TaskError came long after the deadline"
+        if cancel_at is not None and timed:
+            assert elapsed < cancel_at + LATE, "TaskError came long after the cancellation"
+        return
+
+    if isinstance(out, ExecTimeout):
+        assert deadline is not None, "ExecTimeout without any deadline"
+        assert elapsed >= deadline - 0.002, f"ExecTimeout after {elapsed:.3f}s, deadline {deadline}"
+        late = elapsed - deadline
+        if timed:
+            _Run.worst_late = max(_Run.worst_late, late)
+            assert late < LATE, f"ExecTimeout {late:.3f}s after the deadline"
+        if cancel_at is not None:
+            assert cancel_at + LATE > deadline, "the earlier cancellation should have won"
+        return
+
+    if isinstance(out, Cancelled):
+        assert cancel_at is not None, f"Cancelled without a cancellation: {out!r}"
+        assert elapsed >= cancel_at - 0.002, f"Cancelled after {elapsed:.3f}s, before the cancel"
+        late = elapsed - cancel_at
+        if timed:
+            _Run.worst_late = max(_Run.worst_late, late)
+            assert late < LATE, f"Cancelled {late:.3f}s after ctx.cancel()"
+        if deadline is not None:
+            assert deadline + LATE > cancel_at, "the earlier deadline should have won"
+        return
+
+    raise AssertionError(f"unexpected outcome {out!r}")
+
+
+def _check_forced(sc: Scenario, obs: Observed) -> None:
+    """Where the model can tell the outcome for sure, it must be that one."""
+    kinds = [f.kind for f in sc.faults]
+    ends_at = [t for t in (obs.deadline, obs.cancel_at) if t is not None]
+    first_end = min(ends_at) if ends_at else None
+    if sc.ctx_mode == "pre_cancelled":
+        return
+    if not any(k in F.FAILING or k in F.HANGING for k in kinds):
+        sleeps = sum(f.param for f in sc.faults if f.kind == F.SLEEP)
+        budget = 2 * (
+            sleeps / sc.limit + max([f.param for f in sc.faults if f.kind == F.SLEEP] or [0])
+        )
+        if first_end is None or first_end > budget + 0.5:
+            assert obs.outcome is None, f"benign batch with time to spare failed: {obs.outcome!r}"
+    instant = {F.RAISE, F.SEGFAULT, F.EXIT, F.SIGKILL_SELF, F.UNPICKLABLE}
+    if any(k in instant for k in kinds[: sc.limit]) and (first_end is None or first_end >= 1.0):
+        assert isinstance(obs.outcome, TaskError), (
+            f"an instant failure among the first {sc.limit} tasks must be a fast TaskError, "
+            f"got {obs.outcome!r} after {obs.elapsed:.3f}s"
+        )
+        if sc.entry == "exec":
+            assert obs.elapsed < 0.9, f"fast return took {obs.elapsed:.3f}s"
+
+
+def _check_report(sc: Scenario, obs: Observed, d: str) -> None:
+    report = obs.report
+    if report is None:
+        return
+    started = F.started(d)
+    assert [t.index for t in report.tasks] == list(range(len(sc.faults)))
+    for t in report.tasks:
+        kind = sc.faults[t.index].kind
+        where = f"task {t.index} ({kind}) is {t.status}"
+        assert t.status in ("ok", "error", "crashed", "timeout", "cancelled", "skipped"), where
+        if t.status == "ok":
+            assert kind in F.BENIGN, where
+            assert t.result == sc.faults[t.index].expected_result(t.index), where
+        elif t.status == "error":
+            assert kind in (F.RAISE, F.UNPICKLABLE), where
+        elif t.status == "crashed":
+            assert kind in F.CRASHING, where
+        elif t.status == "skipped":
+            assert t.index not in started, f"{where} but it started"
+        if t.index in started:
+            assert t.status != "skipped", f"{where} but it started"
+        if kind in F.MUST_BE_KILLED and t.index in started:
+            assert t.status in ("timeout", "cancelled"), where
+
+
+def _check_cleanup(sc: Scenario, obs: Observed, a: ProcessAlloter, d: str) -> None:
+    started = F.started(d)
+    wait = sc.grace + KILL_SLACK
+    # Every task that ignores cancelled() and never returns had its worker killed.
+    must_die = [
+        (pid, None)
+        for i, pid in started.items()
+        if sc.faults[i].kind in F.MUST_BE_KILLED or sc.faults[i].kind in F.CRASHING
+    ]
+    alive = F.wait_dead(must_die, wait)
+    assert not alive, f"workers of killed or crashed tasks still alive: {alive}"
+    # Whatever the tasks started died with them.
+    kids = [(pid, created) for _, pid, created in F.children(d)]
+    alive = F.wait_dead(kids, wait)
+    assert not alive, f"child processes of killed tasks still alive: {alive}"
+    # A cooperative task was told: cancelled() became True while it ran.
+    if obs.outcome is not None and sc.grace >= 0.25:
+        coop = {i for i in started if sc.faults[i].kind == F.COOPERATIVE}
+        assert _wait_for(lambda: coop <= F.saw_cancel(d), wait), (
+            f"cooperative tasks {sorted(coop - F.saw_cancel(d))} never saw cancelled()"
+        )
+
+    # The only processes left are the alloter's live workers, with no children.
+    def only_workers() -> bool:
+        workers = {s.pid for s in a.stats()}
+        procs = F.live_descendants()
+        return {p.pid for p in procs} == workers and len(workers) <= sc.limit
+
+    assert _wait_for(only_workers, wait), (
+        f"processes {[(p.pid, p.cmdline()) for p in F.live_descendants()]} "
+        f"but live workers {[s.pid for s in a.stats()]}"
+    )
+
+
+def _check_usable(a: ProcessAlloter, sc: Scenario) -> None:
+    tasks = [lambda i=i: i * i for i in range(2 * sc.limit + 1)]
+    got = a.exec_with_context(Context(timeout=15.0), *tasks)
+    assert got == [i * i for i in range(len(tasks))], "the alloter gives wrong results afterwards"
+
+
+def _cleanup_leftovers(d: str) -> None:
+    F.kill_all([(pid, created) for _, pid, created in F.children(d)])
+    for p in F.live_descendants():
+        F.kill_all([(p.pid, None)])
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_scenario(sc: Scenario) -> None:
+    baseline = _fd_baseline()
+    _Run.examples += 1
+    note(f"example #{_Run.examples}: {sc.short()}")
+    d = tempfile.mkdtemp(prefix="alloter-model-")
+    tasks = [F.make_task(f, i, d) for i, f in enumerate(sc.faults)]
+    try:
+        a = ProcessAlloter(
+            sc.limit,
+            timeout=sc.timeout,
+            cancel_grace=sc.grace,
+            memory_limit=sc.memory_limit,
+        )
+        try:
+            obs = _run_batch(a, sc, tasks)
+            note(
+                f"outcome {obs.outcome!r} after {obs.elapsed:.3f}s "
+                f"(deadline {obs.deadline}, cancel at {obs.cancel_at}); started {sorted(F.started(d))}"
+            )
+            if obs.report is not None:
+                note(f"statuses {[t.status for t in obs.report.tasks]}")
+            _Run.outcomes[type(obs.outcome).__name__ if obs.outcome else "results"] += 1
+            _Run.sizes[f"{len(sc.faults) // 10 * 10}+"] += 1
+            _check_outcome(sc, obs, d)
+            _check_forced(sc, obs)
+            _check_report(sc, obs, d)
+            _check_cleanup(sc, obs, a, d)
+            _check_usable(a, sc)
+        except BaseException:
+            _cleanup_leftovers(d)  # so that close() cannot hang on what a bug left running
+            raise
+        finally:
+            a.close()
+        assert _wait_for(lambda: not F.live_descendants(), 5.0), (
+            f"processes left after close(): {[p.pid for p in F.live_descendants()]}"
+        )
+        assert _wait_for(lambda: F.open_fds() <= baseline, 2.0), (
+            f"open fds {F.open_fds()} after close(), baseline {baseline}"
+        )
+    except BaseException:
+        if _Run.first_failure is None:
+            _Run.first_failure = _Run.examples
+            print(f"\n[model] first failure at example #{_Run.examples}", file=sys.stderr)
+        raise
+    finally:
+        _cleanup_leftovers(d)
+
+
+_phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
+_settings = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=SEED is None,
+    database=None,
+    phases=_phases,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@pytest.mark.timeout(900)
+@_settings
+@given(scenarios())
+def test_random_faulty_batches_keep_the_contract(sc: Scenario) -> None:
+    run_scenario(sc)
+
+
+if SEED is not None:
+    test_random_faulty_batches_keep_the_contract = seed(int(SEED))(
+        test_random_faulty_batches_keep_the_contract
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary() -> Any:
+    yield
+    print(
+        f"\n[model] examples run: {_Run.examples}, first failure: {_Run.first_failure}, "
+        f"worst lateness of ExecTimeout/Cancelled: {_Run.worst_late * 1000:.1f} ms\n"
+        f"[model] outcomes {dict(_Run.outcomes)}; batch sizes {dict(_Run.sizes)}"
+    )
