@@ -278,6 +278,19 @@ class Batch:
             self._finish(slot, SKIPPED)
         self._slot_done(slot)
 
+    def abandon(self) -> None:
+        """Settle every task still open: the runner can no longer report on them."""
+        with self._lock:
+            open_slots = [s for s in self.slots if s.status not in FINAL]
+            for slot in open_slots:
+                if slot.error is None:
+                    slot.error = self.outcome
+                self._finish(slot, self._end_status() if slot.status == RUNNING else SKIPPED)
+            self._open = False
+            self._check_settled()
+        for slot in open_slots:
+            self._slot_done(slot)
+
     def _slot_done(self, slot: Slot) -> None:
         if self.on_slot_done is not None:
             self.on_slot_done(slot)

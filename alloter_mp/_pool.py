@@ -357,6 +357,7 @@ class WorkerPool:
             error = AlloterError(f"the pool's supervisor failed: {exc!r}")
             for batch in list(self._batches) + [b for b, _, _ in self._inbox]:
                 batch.fail(error)
+                batch.abandon()  # nobody will report on its tasks any more
             for w in list(self._workers):
                 _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
         finally:
@@ -665,12 +666,14 @@ class WorkerPool:
         w.inflight = 0
 
     def _on_death(self, w: _Worker) -> None:
+        # Whatever the task started dies with it, whoever's group it sits in. First:
+        # a forked grandchild holding the worker's end of the pipe would otherwise
+        # keep a half-sent message from ever reaching EOF.
+        _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
         w.proc.join(0.5)
         exitcode = w.proc.exitcode
-        # Whatever the task started dies with it, whoever's group it sits in.
-        _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
         batch = w.batch
         # Keep the pool warm: replace a worker that died holding work, was killed or
         # retired. One that died on its own before doing anything (a failing

@@ -596,3 +596,21 @@ def test_bad_pool_options():
         ProcessAlloter(1, cancel_grace=-1)
     with pytest.raises(ValueError):
         WorkerPool(-1)
+
+
+def test_a_failing_supervisor_fails_calls_instead_of_hanging(monkeypatch, capfd):
+    from alloter_mp import _pool
+
+    def broken(self, w, msg):
+        raise RuntimeError("supervisor bug")
+
+    monkeypatch.setattr(_pool.WorkerPool, "_on_message", broken)
+    with ProcessAlloter(2) as a:
+        report = a.exec_report(lambda: 1, functools.partial(_tasks.sleep_then, 0.2))
+        assert isinstance(report.outcome, AlloterError)
+        assert "supervisor bug" in str(report.outcome)
+        assert all(t.status in ("cancelled", "skipped") for t in report.tasks)
+        with pytest.raises(AlloterError, match="supervisor"):
+            a.exec(lambda: 1)
+    assert "supervisor bug" in capfd.readouterr().err
+    assert not wait_no_descendants()
