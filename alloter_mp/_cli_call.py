@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import io
 import json
 import os
 import signal
@@ -112,14 +113,52 @@ def call_one(target: Target, value: Any) -> str:
     anything else is the only argument. Runs in a worker process.
     """
     function = resolve(target)
-    with contextlib.redirect_stdout(sys.stderr):
-        if isinstance(value, list):
-            result = function(*value)
-        elif isinstance(value, dict):
-            result = function(**value)
-        else:
-            result = function(value)
+    lines = _WholeLines()
+    try:
+        with contextlib.redirect_stdout(lines):
+            if isinstance(value, list):
+                result = function(*value)
+            elif isinstance(value, dict):
+                result = function(**value)
+            else:
+                result = function(value)
+    finally:
+        lines.flush(final=True)
     return json.dumps(result)
+
+
+class _WholeLines(io.TextIOBase):
+    """What a function prints, sent to stderr a whole line per write.
+
+    Workers share the tool's stderr; ``print("a", x)`` writes its pieces one by one,
+    so without this the lines of two workers would mix mid-line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            head, _, self._pending = self._pending.rpartition("\n")
+            _write_stderr(head + "\n")
+        return len(text)
+
+    def flush(self, final: bool = False) -> None:
+        if final and self._pending:
+            _write_stderr(self._pending + "\n")
+            self._pending = ""
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.flush()
+    data = text.encode(sys.stderr.encoding or "utf-8", "replace")
+    while data:
+        data = data[os.write(sys.stderr.fileno(), data) :]
 
 
 def call_one_caught(target: Target, value: Any) -> tuple[bool, str, str]:

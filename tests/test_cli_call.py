@@ -181,6 +181,13 @@ def test_print_goes_to_stderr_not_into_the_results(workdir: Path) -> None:
     assert "chatter 1" in res.stderr and "chatter 2" in res.stderr
 
 
+def test_printed_lines_of_concurrent_calls_never_mix(workdir: Path) -> None:
+    res = call("-j", "2", "calltasks:chatty", lines=[str(i) for i in range(300)], cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    printed = [line for line in res.stderr.splitlines() if line]
+    assert sorted(printed) == sorted(f"chatter {i}" for i in range(300))
+
+
 def test_the_current_directory_is_importable_from_an_entry_script(
     workdir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
