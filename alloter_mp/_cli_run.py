@@ -41,6 +41,8 @@ from typing import IO, Any, BinaryIO, TextIO
 
 import psutil
 
+from ._errors import signal_name
+
 __all__ = ["PLACEHOLDER", "RunOptions", "build_argv", "read_inputs", "run_jobs"]
 
 PLACEHOLDER = "{}"
@@ -137,11 +139,7 @@ def describe(returncode: int | None) -> str:
     if returncode is None:
         return "never ran"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
+        return f"killed by {signal_name(-returncode)}"
     return f"exit code {returncode}"
 
 

@@ -20,7 +20,16 @@ __all__ = [
     "TaskError",
     "WorkerCrashed",
     "describe_exitcode",
+    "signal_name",
 ]
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGKILL"`` for 9; ``"signal 99"`` for a number with no name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def describe_exitcode(exitcode: int | None) -> str:
@@ -28,11 +37,7 @@ def describe_exitcode(exitcode: int | None) -> str:
     if exitcode is None:
         return "an unknown status"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"{name} (exit code {exitcode})"
+        return f"{signal_name(-exitcode)} (exit code {exitcode})"
     return f"exit code {exitcode}"
 
 

@@ -102,7 +102,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _job_limit(text: str) -> int:
+def job_limit(text: str) -> int:
+    """An argparse type: a whole number of jobs, 0 meaning one per CPU."""
     try:
         value = int(text)
     except ValueError:
@@ -112,24 +113,24 @@ def _job_limit(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _number_of_seconds(text: str, *, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        above = "0 or more seconds" if zero_ok else "a number of seconds above 0"
+        raise argparse.ArgumentTypeError(f"must be {above}, got {text!r}")
     return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    return _number_of_seconds(text, zero_ok=False)
 
 
 def _grace(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
-    return value
+    return _number_of_seconds(text, zero_ok=True)
 
 
 def _version() -> str:
@@ -147,14 +148,14 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
         "-j",
         "--jobs",
         metavar="N",
-        type=_job_limit,
+        type=job_limit,
         default=0,
         help=f"run at most N {what} at once (default: 0, one per CPU)",
     )
     parser.add_argument(
         "--timeout",
         metavar="S",
-        type=_seconds,
+        type=seconds,
         help="seconds for the whole batch; when they pass, everything is ended "
         "and the status is 124",
     )

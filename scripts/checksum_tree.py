@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ try:
 except ImportError:  # run from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import alloter_mp
+
+from alloter_mp.cli import job_limit, seconds
 
 PROG = "checksum_tree.py"
 BLOCK = 1 << 20
@@ -64,26 +65,6 @@ def sum_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
-    return value
-
-
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked (errors exit with status 2)."""
     parser = argparse.ArgumentParser(
@@ -99,14 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "-j",
         "--jobs",
         metavar="N",
-        type=_jobs,
+        type=job_limit,
         default=0,
         help="files hashed at once (default: 0, one per CPU)",
     )
     parser.add_argument(
         "--timeout",
         metavar="S",
-        type=_seconds,
+        type=seconds,
         help="seconds for the whole run (exit status 124 when they pass)",
     )
     parser.add_argument(
