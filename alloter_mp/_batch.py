@@ -223,6 +223,13 @@ class Batch:
 
     # -- facts reported by the runner ------------------------------------------
 
+    def _ended_error(self) -> BaseException | None:
+        """What a task ended by the batch's end is told: the timeout, or a cancellation."""
+        if self.end_kind == "timeout" or isinstance(self.outcome, Cancelled):
+            return self.outcome
+        index = getattr(self.outcome, "index", None)
+        return Cancelled(f"cancelled because task {index} failed first")
+
     def _end_status(self) -> str:
         return TIMEOUT if self.end_kind == "timeout" else CANCELLED
 
@@ -266,7 +273,7 @@ class Batch:
             if slot.status in FINAL:
                 return
             if slot.error is None:
-                slot.error = self.outcome
+                slot.error = self._ended_error()
             self._finish(slot, self._end_status())
         self._slot_done(slot)
 
@@ -284,7 +291,7 @@ class Batch:
             open_slots = [s for s in self.slots if s.status not in FINAL]
             for slot in open_slots:
                 if slot.error is None:
-                    slot.error = self.outcome
+                    slot.error = self._ended_error()
                 self._finish(slot, self._end_status() if slot.status == RUNNING else SKIPPED)
             self._open = False
             self._check_settled()

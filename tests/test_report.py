@@ -22,6 +22,7 @@ import pytest
 
 import alloter_mp
 from alloter_mp import (
+    Cancelled,
     ExecTimeout,
     ProcessAlloter,
     Report,
@@ -144,6 +145,8 @@ def test_error_cancelled_and_skipped() -> None:
     assert report.tasks[1].error is None
     assert statuses[2] == "cancelled"  # killed after its grace
     assert report.tasks[2].result is None
+    killed_error = report.tasks[2].error
+    assert isinstance(killed_error, Cancelled) and "task 0 failed" in str(killed_error)
     assert statuses[3:] == ["skipped", "skipped"]
     assert all(t.pid is None and t.wall_s == 0 and t.cpu_s == 0 for t in report.tasks[3:])
     # The report waits for the siblings to end, but not for their 20 s sleeps.
