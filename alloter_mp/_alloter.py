@@ -154,11 +154,8 @@ class ProcessAlloter:
         been killed or been skipped) and says what each one cost.
         """
         started = time.perf_counter()
-        batch, token = self._start(tasks, ctx, measure=True)
-        try:
-            self._wait(batch, settle=True)
-        finally:
-            self._finish(batch, ctx, token)
+        batch = self._prepare(tasks, ctx, measure=True)
+        self._run(batch, ctx, len(tasks), settle=True)
         return build_report(batch, time.perf_counter() - started)
 
     def map(
@@ -172,21 +169,16 @@ class ProcessAlloter:
         if not isinstance(iterable, Sized):
             return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
         self._check_map_args(fn, chunksize)
+        started = time.monotonic()
         chunks = _mapping.chunk_list(fn, list(iterable), chunksize, self._limit)
         if not chunks:
             return []
-        payloads, blob = self._payloads(chunks, _mapping.first_unpicklable_item)
-        batch = self._new_batch(payloads, None)
-        batch.blob = blob
+        batch = self._prepare(chunks, None, started=started, locate=_mapping.first_unpicklable_item)
         batch.even = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
-        token = self._launch(batch, None, len(iterable))
-        try:
-            self._wait(batch, settle=False)
-        finally:
-            self._finish(batch, None, token)
+        self._run(batch, None, len(iterable))
         return list(itertools.chain.from_iterable(batch.results()))
 
     def imap(
@@ -255,12 +247,34 @@ class ProcessAlloter:
     # -- one call ----------------------------------------------------------------
 
     def _call(self, tasks: tuple[Callable[[], Any], ...], ctx: Context | None) -> list[Any]:
-        batch, token = self._start(tasks, ctx)
+        batch = self._prepare(tasks, ctx)
+        self._run(batch, ctx, len(tasks))
+        return batch.results()
+
+    def _prepare(
+        self,
+        tasks: Sequence[Callable[[], Any]],
+        ctx: Context | None,
+        *,
+        measure: bool = False,
+        started: float | None = None,
+        locate: Callable[[Any, int], int] | None = None,
+    ) -> Batch:
+        """Check and pickle the tasks (nothing starts if that fails), make the batch."""
+        if started is None:
+            started = time.monotonic()  # the call's timeout counts pickling too
+        payloads, blob = self._payloads(tasks, locate)
+        batch = self._new_batch(payloads, ctx, measure=measure, started=started)
+        batch.blob = blob
+        return batch
+
+    def _run(self, batch: Batch, ctx: Context | None, total: int, *, settle: bool = False) -> None:
+        """Submit ``batch`` and wait for its outcome (and, with ``settle``, every task)."""
+        token = self._launch(batch, ctx, total)
         try:
-            self._wait(batch, settle=False)
+            self._wait(batch, settle=settle)
         finally:
             self._finish(batch, ctx, token)
-        return batch.results()
 
     def _payloads(
         self,
@@ -300,13 +314,14 @@ class ProcessAlloter:
         *,
         measure: bool = False,
         open_input: bool = False,
+        started: float | None = None,
     ) -> Batch:
         if ctx is not None:
             if ctx.cancelled:
                 raise _cancelled_error(ctx)
             if ctx.expired:
                 raise ExecTimeout("the context's deadline had passed before the call")
-        now = time.monotonic()
+        now = time.monotonic() if started is None else started
         deadline = None if self._timeout is None else now + self._timeout
         message = f"the call did not finish within its timeout of {self._timeout} s"
         if (
@@ -324,18 +339,6 @@ class ProcessAlloter:
             measure=measure or self._memory_limit is not None,
             open_input=open_input,
         )
-
-    def _start(
-        self,
-        tasks: tuple[Callable[[], Any], ...],
-        ctx: Context | None,
-        *,
-        measure: bool = False,
-    ) -> tuple[Batch, Any]:
-        payloads, blob = self._payloads(tasks)
-        batch = self._new_batch(payloads, ctx, measure=measure)
-        batch.blob = blob
-        return batch, self._launch(batch, ctx, len(payloads))
 
     def _launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Any:
         """Submit ``batch``; returns what :meth:`_finish` needs to clean up."""
