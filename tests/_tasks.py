@@ -154,3 +154,14 @@ def initialized():
 
 def failing_init():
     raise RuntimeError("initializer exploded")
+
+
+class SlowToPickle:
+    """A task whose pickling takes 0.4 s."""
+
+    def __call__(self):
+        return "ran"
+
+    def __reduce__(self):
+        time.sleep(0.4)
+        return (SlowToPickle, ())

@@ -614,3 +614,11 @@ def test_a_failing_supervisor_fails_calls_instead_of_hanging(monkeypatch, capfd)
             a.exec(lambda: 1)
     assert "supervisor bug" in capfd.readouterr().err
     assert not wait_no_descendants()
+
+
+def test_the_timeout_counts_from_the_call_pickling_included():
+    with ProcessAlloter(1, timeout=0.3) as a:
+        start = time.monotonic()
+        with pytest.raises(ExecTimeout):
+            a.exec(_tasks.SlowToPickle())
+        assert time.monotonic() - start < 0.4 + 0.2  # not 0.4 of pickling + 0.3 more
