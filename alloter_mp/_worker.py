@@ -306,7 +306,9 @@ def _serve(conn: Any, flag: Any) -> None:
         # Block only when there is nothing to do and nothing left to report.
         if not queue:
             flush()
-        while not queue or poll():
+        # Read what the parent sent only when running low: tasks sent ahead wait in
+        # the pipe meanwhile, and a poll per task would cost more than a tiny task.
+        while not queue or (len(queue) < 2 and poll()):
             try:
                 msg = pickle.loads(recv())
             except (EOFError, OSError):
