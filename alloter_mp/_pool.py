@@ -86,6 +86,25 @@ def _default_start_method() -> str:
 
 DEFAULT_START_METHOD = _default_start_method()
 
+
+def _default_for_this_main() -> str:
+    # forkserver and spawn workers re-import the main module from its file. A program
+    # with no such file (piped in: ``python - < job.py``) would kill every worker at
+    # start, so the default falls back to fork there; tasks travel by value anyway.
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    if (
+        DEFAULT_START_METHOD != "fork"
+        and spec is None
+        and isinstance(path, str)
+        and not os.path.isfile(path)
+        and "fork" in multiprocessing.get_all_start_methods()
+    ):
+        return "fork"
+    return DEFAULT_START_METHOD
+
+
 # After SIGTERM, a process still alive this long later gets SIGKILL.
 KILL_ESCALATION = 0.2
 # How often a worker's memory is sampled while a task with a memory limit runs.
@@ -220,7 +239,7 @@ class WorkerPool:
         _elastic: bool = False,
     ) -> None:
         self._size = _check_count("size", size, default=os.cpu_count() or 1)
-        method = start_method if start_method is not None else DEFAULT_START_METHOD
+        method = start_method if start_method is not None else _default_for_this_main()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
                 f"start_method must be one of {multiprocessing.get_all_start_methods()}, "

@@ -622,3 +622,18 @@ def test_the_timeout_counts_from_the_call_pickling_included():
         with pytest.raises(ExecTimeout):
             a.exec(_tasks.SlowToPickle())
         assert time.monotonic() - start < 0.4 + 0.2  # not 0.4 of pickling + 0.3 more
+
+
+def test_a_program_piped_on_stdin_works_with_the_default_start_method():
+    program = textwrap.dedent(
+        """
+        from alloter_mp import ProcessAlloter
+        with ProcessAlloter(2) as a:
+            print(a.pool.start_method, a.exec(lambda: 1, lambda: 2))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-"], input=program, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=1)[1].strip() == "[1, 2]"
