@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, TypeVar
 
 from . import _mapping, _transport
-from ._batch import Batch
+from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import AlloterError, Cancelled, ExecTimeout, SerializationError
 from ._pool import WorkerPool, WorkerStats, _Owner
@@ -363,7 +363,7 @@ class ProcessAlloter:
         try:
             batch.wait_decided()
             if settle:
-                batch.settled.wait()
+                wait_interruptibly(batch.settled)
         except BaseException:
             # KeyboardInterrupt (or any other escape): end the call's tasks, then go.
             batch.cancel(Cancelled("the caller was interrupted"))

@@ -327,10 +327,10 @@ class Batch:
         """
         while not self.decided.is_set():
             if self.deadline is None:
-                self.decided.wait()
+                wait_interruptibly(self.decided)
                 continue
             remaining = self.deadline - time.monotonic()
-            if (remaining <= 0 or not self.decided.wait(remaining)) and (
+            if (remaining <= 0 or not wait_interruptibly(self.decided, remaining)) and (
                 time.monotonic() >= self.deadline
             ):
                 self.expire()
@@ -345,6 +345,25 @@ class Batch:
 
 def _nothing() -> None:
     return None
+
+
+# How long the main thread blocks at a stretch: a KeyboardInterrupt is raised only
+# when it runs Python code again, and a SIGINT delivered to another thread (or
+# ``_thread.interrupt_main()``) does not wake a blocked lock.
+MAIN_THREAD_SLICE = 0.05
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)``, in short slices when called from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return event.wait(timeout)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = MAIN_THREAD_SLICE if end is None else min(MAIN_THREAD_SLICE, end - time.monotonic())
+        if event.wait(max(0.0, left)):
+            return True
+        if end is not None and time.monotonic() >= end:
+            return False
 
 
 def task_error_from(index: int, cause: BaseException, remote_traceback: str) -> TaskError:

@@ -12,12 +12,13 @@ import contextlib
 import itertools
 import math
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _transport, _worker
-from ._batch import Batch, Slot
+from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
 
 if TYPE_CHECKING:
@@ -208,11 +209,15 @@ class _Feeder:
 
     def _next_done(self) -> Slot | None:
         deadline = self.batch.deadline
+        # The main thread waits in slices so that a KeyboardInterrupt gets through.
+        most = MAIN_THREAD_SLICE if threading.current_thread() is threading.main_thread() else None
         while True:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 self.batch.expire()
                 return None
+            if most is not None:
+                timeout = most if timeout is None else min(timeout, most)
             try:
                 return self.done.get(timeout=timeout)
             except queue.Empty:

@@ -637,3 +637,28 @@ def test_a_program_piped_on_stdin_works_with_the_default_start_method():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split(maxsplit=1)[1].strip() == "[1, 2]"
+
+
+@pytest.mark.parametrize("call", ["exec", "exec_report", "imap"])
+def test_interrupt_main_reaches_a_waiting_caller(tmp_path, call):
+    # _thread.interrupt_main() sets the flag without a signal that would wake a blocked
+    # lock, like a SIGINT delivered to another thread: the wait must still notice it.
+    import _thread
+
+    pidfile = tmp_path / "pid"
+    task = functools.partial(_tasks.write_pid_and_sleep, str(pidfile), 100)
+    with ProcessAlloter(1, cancel_grace=0.1) as a:
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "imap":
+                    list(a.imap(lambda path: task(), [str(pidfile)], chunksize=1))
+                else:
+                    getattr(a, call)(task)
+        finally:
+            timer.cancel()
+            timer.join()
+        assert time.monotonic() - start < 1.5
+        assert pid_gone(int(pidfile.read_text()), timeout=3)
