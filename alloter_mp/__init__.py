@@ -23,7 +23,8 @@ from ._errors import (
     TaskError,
     WorkerCrashed,
 )
-from ._pool import WorkerPool, WorkerStats
+from ._handle import WorkerStats
+from ._pool import WorkerPool
 from ._report import Report, TaskReport
 from ._worker import cancelled, raise_if_cancelled, time_left
 

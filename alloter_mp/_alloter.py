@@ -18,7 +18,8 @@ from . import _mapping, _transport
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import AlloterError, Cancelled, ExecTimeout, SerializationError
-from ._pool import WorkerPool, WorkerStats, _Owner
+from ._handle import WorkerStats
+from ._pool import WorkerPool, _Owner
 from ._progress import attach_progress
 from ._report import Report, build_report
 

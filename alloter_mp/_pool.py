@@ -28,7 +28,7 @@ What happens, by actor:
   on each worker's pipe and process sentinel plus a wake-up pipe of its own, with
   the nearest timer (deadline, grace, kill escalation, memory sample) as timeout.
   Results, deaths, new batches and endings are all events of that one loop. It
-  records exactly which worker holds which slots (``_Worker.pipeline``), so every
+  records exactly which worker holds which slots (``WorkerHandle.pipeline``), so every
   death settles every task the worker could hold.
 * A worker runs the tasks it is sent in order and reports each one. Several small
   tasks of one batch may be sent ahead to a worker so that tiny tasks do not pay a
@@ -57,10 +57,7 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
-
-import psutil
 
 from . import _proctree, _transport, _worker
 from ._batch import Batch, Slot, task_error_from
@@ -71,8 +68,9 @@ from ._errors import (
     TaskError,
     WorkerCrashed,
 )
+from ._handle import WorkerHandle, WorkerStats
 
-__all__ = ["DEFAULT_START_METHOD", "WorkerPool", "WorkerStats"]
+__all__ = ["DEFAULT_START_METHOD", "WorkerPool"]
 
 
 def _default_start_method() -> str:
@@ -105,8 +103,6 @@ def _default_for_this_main() -> str:
     return DEFAULT_START_METHOD
 
 
-# After SIGTERM, a process still alive this long later gets SIGKILL.
-KILL_ESCALATION = 0.2
 # How often a worker's memory is sampled while a task with a memory limit runs.
 MEMORY_SAMPLE = 0.01
 # Tasks are sent ahead to a busy worker only while this many bytes are in flight, so
@@ -117,16 +113,6 @@ AHEAD_SECONDS = 0.005
 AHEAD_MOST = 256
 # How long close() waits for workers to stop by themselves before killing them.
 STOP_WAIT = 2.0
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    """One live worker process, measured with psutil."""
-
-    pid: int
-    rss: int
-    cpu_percent: float
-    tasks_done: int
 
 
 class _Owner:
@@ -153,57 +139,6 @@ class _Run:
         self.memory_limit = memory_limit
         self.end_handled = False
         self.avg_wall: float | None = None
-
-
-class _Worker:
-    __slots__ = (
-        "batch",
-        "blob_id",
-        "conn",
-        "conn_open",
-        "cpu_seen",
-        "flag",
-        "inflight",
-        "init_error",
-        "kill_deadline",
-        "kill_reason",
-        "mem_peak",
-        "owner",
-        "pid",
-        "pipeline",
-        "proc",
-        "ps",
-        "sentinel",
-        "stopping",
-        "tasks_done",
-        "tree",
-    )
-
-    def __init__(self, proc: Any, conn: Any, flag: Any) -> None:
-        self.proc = proc
-        self.pid: int = proc.pid
-        self.conn = conn
-        self.conn_open = True
-        self.sentinel = proc.sentinel
-        self.flag = flag
-        self.pipeline: deque[Slot] = deque()
-        self.batch: Batch | None = None
-        self.blob_id = 0  # the batch whose task list this worker already has
-        self.owner: _Owner | None = None
-        self.inflight = 0
-        self.tasks_done = 0
-        self.stopping = False
-        self.kill_reason: str | None = None  # "end" | "memory" | "close"
-        self.kill_deadline: float | None = None
-        self.tree: list[psutil.Process] = []
-        self.mem_peak = 0
-        self.init_error: _transport.ExceptionInfo | None = None
-        self.ps: psutil.Process | None = None
-        self.cpu_seen = False  # stats() has taken a first cpu_percent reading
-
-    @property
-    def idle(self) -> bool:
-        return not self.pipeline and self.kill_reason is None and not self.stopping
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -275,7 +210,7 @@ class WorkerPool:
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
 
         # Owned by the supervisor thread.
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._batches: list[Batch] = []
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
@@ -299,24 +234,10 @@ class WorkerPool:
         """One :class:`WorkerStats` per live worker (pid, rss, cpu percent, tasks done)."""
         rows = []
         for w in list(self._workers):
-            if w.kill_reason is not None:
-                continue
-            try:
-                if w.ps is None:
-                    w.ps = psutil.Process(w.pid)
-                with w.ps.oneshot():
-                    rss = w.ps.memory_info().rss
-                    cpu = w.ps.cpu_percent(None)
-                    if not w.cpu_seen:
-                        # psutil's first reading has nothing to compare with (0.0):
-                        # give the average since the worker started instead.
-                        w.cpu_seen = True
-                        used = sum(w.ps.cpu_times()[:2])
-                        age = max(time.time() - w.ps.create_time(), 0.05)
-                        cpu = min(100.0 * used / age, 100.0 * (os.cpu_count() or 1))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            rows.append(WorkerStats(w.pid, int(rss), float(cpu), w.tasks_done))
+            if w.kill_reason is None:
+                row = w.read_stats()
+                if row is not None:
+                    rows.append(row)
         return rows
 
     def close(self, *, wait: bool = True, timeout: float | None = None) -> None:
@@ -400,7 +321,7 @@ class WorkerPool:
                 if now >= stop_deadline:
                     for w in self._workers:
                         if w.kill_reason is None:
-                            self._kill(w, "close", now, hard=True)
+                            w.kill("close", now, hard=True)
             self._check_timers(now)
             self._handle_endings(now)
             if not self._closing:
@@ -457,25 +378,19 @@ class WorkerPool:
                 batch.expire()
         for w in self._workers:
             if w.kill_deadline is not None and now >= w.kill_deadline:
-                # It ignored SIGTERM (or is slow to die): no more asking.
-                w.kill_deadline = None
-                tree = w.tree + _proctree.descendants(w.pid)
-                _proctree.signal_tree(w.pid, _proctree.SIGKILL, tree)
+                w.escalate()
             elif w.pipeline and w.kill_reason is None:
                 limit = _memory_limit(w)
                 if limit is not None:
                     self._sample_memory(w, limit, now)
 
-    def _sample_memory(self, w: _Worker, limit: int, now: float) -> None:
-        try:
-            if w.ps is None:
-                w.ps = psutil.Process(w.pid)
-            rss = int(w.ps.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+    def _sample_memory(self, w: WorkerHandle, limit: int, now: float) -> None:
+        rss = w.read_rss()
+        if rss is None:
             return
         w.mem_peak = max(w.mem_peak, rss)
         if rss > limit:
-            self._kill(w, "memory", now, hard=True)
+            w.kill("memory", now, hard=True)
 
     def _handle_endings(self, now: float) -> None:
         for batch in self._batches:
@@ -491,7 +406,7 @@ class WorkerPool:
             if holders and grace is not None and now >= grace:
                 for w in holders:
                     if w.kill_reason is None:
-                        self._kill(w, "end", now)
+                        w.kill("end", now)
 
     def _forget_settled(self) -> None:
         if any(b.settled.is_set() for b in self._batches):
@@ -547,7 +462,7 @@ class WorkerPool:
         for w in idle[self._size :]:
             self._stop(w)
 
-    def _send(self, w: _Worker, batch: Batch, slots: list[Slot]) -> None:
+    def _send(self, w: WorkerHandle, batch: Batch, slots: list[Slot]) -> None:
         if not slots:
             return
         run: _Run = batch.runner_state
@@ -582,48 +497,20 @@ class WorkerPool:
             # The worker is dying; its sentinel will settle these slots.
             self._unwatch_conn(w)
 
-    def _spawn(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        flag = self._ctx.RawArray("q", 3)  # cancelled batch, chunk offset, running task + 1
-        proc = self._ctx.Process(
-            target=_worker.worker_main,
-            args=(child_conn, flag, self._lifeline_r, self._lifeline_w, self._init_payload),
-            name="alloter_mp-worker",
-            daemon=False,
-        )
-        proc.start()
-        child_conn.close()
-        w = _Worker(proc, parent_conn, flag)
+    def _spawn(self) -> WorkerHandle:
+        w = WorkerHandle.start(self._ctx, self._lifeline_r, self._lifeline_w, self._init_payload)
         self._workers.append(w)
-        self._selector.register(parent_conn.fileno(), selectors.EVENT_READ, (w, "conn"))
+        self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
         return w
 
-    def _stop(self, w: _Worker) -> None:
-        if w.stopping:
-            return
-        w.stopping = True
-        try:
-            w.conn.send_bytes(pickle.dumps((_worker.STOP,)))
-        except OSError:
-            self._kill(w, "close", time.monotonic(), hard=True)
-
-    def _kill(self, w: _Worker, reason: str, now: float, *, hard: bool = False) -> None:
-        if w.kill_reason is not None and not hard:
-            return
-        if w.kill_reason is None:
-            w.kill_reason = reason
-        w.tree = _proctree.descendants(w.pid)
-        if hard:
-            _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
-            w.kill_deadline = None
-        else:
-            _proctree.signal_tree(w.pid, _proctree.SIGTERM, w.tree)
-            w.kill_deadline = now + KILL_ESCALATION
+    def _stop(self, w: WorkerHandle) -> None:
+        if not w.stop():
+            w.kill("close", time.monotonic(), hard=True)
 
     # -- events from workers -----------------------------------------------------
 
-    def _read(self, w: _Worker, *, drain: bool = False) -> None:
+    def _read(self, w: WorkerHandle, *, drain: bool = False) -> None:
         # One message per readiness event: the selector is level-triggered and will
         # report the pipe again if more is waiting, and polling first would cost
         # more system calls than the message. A dead worker is drained to the end.
@@ -635,13 +522,13 @@ class WorkerPool:
         except (EOFError, OSError):
             self._unwatch_conn(w)  # the sentinel tells the rest
 
-    def _unwatch_conn(self, w: _Worker) -> None:
+    def _unwatch_conn(self, w: WorkerHandle) -> None:
         if w.conn_open:
             w.conn_open = False
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(w.conn.fileno())
 
-    def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == _worker.INIT_FAILED:
             w.init_error = msg[1]
@@ -677,14 +564,14 @@ class WorkerPool:
             if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
                 self._stop(w)
 
-    def _release_worker(self, w: _Worker) -> None:
+    def _release_worker(self, w: WorkerHandle) -> None:
         if w.owner is not None:
             w.owner.active -= 1
         w.batch = None
         w.owner = None
         w.inflight = 0
 
-    def _on_death(self, w: _Worker) -> None:
+    def _on_death(self, w: WorkerHandle) -> None:
         # Whatever the task started dies with it, whoever's group it sits in. First:
         # a forked grandchild holding the worker's end of the pipe would otherwise
         # keep a half-sent message from ever reaching EOF.
@@ -741,9 +628,7 @@ class WorkerPool:
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(w.sentinel)
-        w.conn.close()
-        with contextlib.suppress(ValueError):
-            w.proc.close()
+        w.close()
         if replace and not self._closing and not self._elastic and self._can_spawn():
             with contextlib.suppress(Exception):  # dispatch will try again on demand
                 self._spawn()
@@ -760,7 +645,7 @@ class WorkerPool:
         _live_pools.discard(self)
 
 
-def _memory_limit(w: _Worker) -> int | None:
+def _memory_limit(w: WorkerHandle) -> int | None:
     if w.batch is None:
         return None
     limit: int | None = w.batch.runner_state.memory_limit

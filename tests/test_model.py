@@ -79,7 +79,7 @@ MEMORY_LIMIT = 96 * 1024 * 1024
 # How late ExecTimeout / Cancelled may come (the contract says 50 ms; this leaves
 # room for a loaded 2-core CI machine while still catching a missed deadline).
 LATE = 0.3
-# The pool's SIGTERM -> SIGKILL escalation (alloter_mp._pool.KILL_ESCALATION) plus room.
+# The pool's SIGTERM -> SIGKILL escalation (alloter_mp._handle.KILL_ESCALATION) plus room.
 KILL_SLACK = 0.2 + 2.5
 
 # -- scenarios ------------------------------------------------------------------------

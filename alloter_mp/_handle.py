@@ -1,0 +1,182 @@
+"""The parent's handle on one worker process: start it, stop it, kill it, measure it.
+
+Besides the process, a handle carries the supervisor's bookkeeping for that worker:
+which slots it holds (``pipeline``, in the order it runs them), for which batch and
+which alloter (``owner``), and why it is being killed. Only the supervisor thread
+changes a handle; ``stats()`` reads it from other threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from . import _proctree, _transport, _worker
+from ._batch import Batch, Slot
+
+if TYPE_CHECKING:
+    from ._pool import _Owner
+
+__all__ = ["KILL_ESCALATION", "WorkerHandle", "WorkerStats"]
+
+# After SIGTERM, a process still alive this long later gets SIGKILL.
+KILL_ESCALATION = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One live worker process, measured with psutil."""
+
+    pid: int
+    rss: int
+    cpu_percent: float
+    tasks_done: int
+
+
+class WorkerHandle:
+    """One worker process and what the supervisor knows about it."""
+
+    __slots__ = (
+        "batch",
+        "blob_id",
+        "conn",
+        "conn_open",
+        "cpu_seen",
+        "flag",
+        "inflight",
+        "init_error",
+        "kill_deadline",
+        "kill_reason",
+        "mem_peak",
+        "owner",
+        "pid",
+        "pipeline",
+        "proc",
+        "ps",
+        "sentinel",
+        "stopping",
+        "tasks_done",
+        "tree",
+    )
+
+    def __init__(self, proc: Any, conn: Any, flag: Any) -> None:
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.conn = conn
+        self.conn_open = True
+        self.sentinel = proc.sentinel
+        self.flag = flag
+        self.pipeline: deque[Slot] = deque()
+        self.batch: Batch | None = None
+        self.blob_id = 0  # the batch whose task list this worker already has
+        self.owner: _Owner | None = None
+        self.inflight = 0
+        self.tasks_done = 0
+        self.stopping = False
+        self.kill_reason: str | None = None  # "end" | "memory" | "close"
+        self.kill_deadline: float | None = None
+        self.tree: list[psutil.Process] = []
+        self.mem_peak = 0
+        self.init_error: _transport.ExceptionInfo | None = None
+        self.ps: psutil.Process | None = None
+        self.cpu_seen = False  # stats() has taken a first cpu_percent reading
+
+    @classmethod
+    def start(
+        cls, ctx: Any, lifeline_r: Any, lifeline_w: Any, init_payload: bytes | None
+    ) -> WorkerHandle:
+        """Start a worker process with ``ctx`` (a multiprocessing context)."""
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        flag = ctx.RawArray("q", 3)  # cancelled batch, chunk offset, running task + 1
+        proc = ctx.Process(
+            target=_worker.worker_main,
+            args=(child_conn, flag, lifeline_r, lifeline_w, init_payload),
+            name="alloter_mp-worker",
+            daemon=False,
+        )
+        proc.start()
+        child_conn.close()
+        return cls(proc, parent_conn, flag)
+
+    @property
+    def idle(self) -> bool:
+        """Holding no task, and neither stopping nor being killed."""
+        return not self.pipeline and self.kill_reason is None and not self.stopping
+
+    def stop(self) -> bool:
+        """Ask an idle worker to exit; ``False`` if it could not be asked (kill it)."""
+        if self.stopping:
+            return True
+        self.stopping = True
+        try:
+            self.conn.send_bytes(pickle.dumps((_worker.STOP,)))
+        except OSError:
+            return False
+        return True
+
+    def kill(self, reason: str, now: float, *, hard: bool = False) -> None:
+        """End the worker and every process its task started.
+
+        SIGTERM first, SIGKILL at ``kill_deadline`` (see :meth:`escalate`); ``hard``
+        sends SIGKILL at once. The first reason given is the one remembered.
+        """
+        if self.kill_reason is not None and not hard:
+            return
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        self.tree = _proctree.descendants(self.pid)
+        if hard:
+            _proctree.signal_tree(self.pid, _proctree.SIGKILL, self.tree)
+            self.kill_deadline = None
+        else:
+            _proctree.signal_tree(self.pid, _proctree.SIGTERM, self.tree)
+            self.kill_deadline = now + KILL_ESCALATION
+
+    def escalate(self) -> None:
+        """It ignored SIGTERM (or is slow to die): no more asking."""
+        self.kill_deadline = None
+        tree = self.tree + _proctree.descendants(self.pid)
+        _proctree.signal_tree(self.pid, _proctree.SIGKILL, tree)
+
+    def _process(self) -> psutil.Process:
+        if self.ps is None:
+            self.ps = psutil.Process(self.pid)
+        return self.ps
+
+    def read_rss(self) -> int | None:
+        """The worker's resident memory in bytes, ``None`` if it is gone."""
+        try:
+            return int(self._process().memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+
+    def read_stats(self) -> WorkerStats | None:
+        """A :class:`WorkerStats` row, ``None`` if the worker is gone."""
+        try:
+            ps = self._process()
+            with ps.oneshot():
+                rss = ps.memory_info().rss
+                cpu = ps.cpu_percent(None)
+                if not self.cpu_seen:
+                    # psutil's first reading has nothing to compare with (0.0):
+                    # give the average since the worker started instead.
+                    self.cpu_seen = True
+                    used = sum(ps.cpu_times()[:2])
+                    age = max(time.time() - ps.create_time(), 0.05)
+                    cpu = min(100.0 * used / age, 100.0 * (os.cpu_count() or 1))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+        return WorkerStats(self.pid, int(rss), float(cpu), self.tasks_done)
+
+    def close(self) -> None:
+        """Release the pipe and the process object of a worker that has died."""
+        self.conn.close()
+        with contextlib.suppress(ValueError):
+            self.proc.close()
