@@ -171,7 +171,10 @@ class ProcessAlloter:
             return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
         self._check_map_args(fn, chunksize)
         started = time.monotonic()
-        chunks = _mapping.chunk_list(fn, list(iterable), chunksize, self._limit)
+        # A sequence is sliced as it is (a range stays a range); anything else is listed.
+        source: Any = iterable
+        items = source if isinstance(source, Sequence) else list(source)
+        chunks = _mapping.chunk_list(fn, items, chunksize, self._limit)
         if not chunks:
             return []
         batch = self._prepare(chunks, None, started=started, locate=_mapping.first_unpicklable_item)

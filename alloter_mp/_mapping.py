@@ -14,7 +14,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _transport, _worker
@@ -41,7 +41,7 @@ class Chunk:
 
     __slots__ = ("fn", "items", "start")
 
-    def __init__(self, fn: Callable[[Any], Any], items: list[Any], start: int = 0) -> None:
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], start: int = 0) -> None:
         self.fn = fn
         self.items = items
         self.start = start
@@ -77,16 +77,16 @@ class Chunk:
 
 
 def chunk_list(
-    fn: Callable[[Any], Any], items: list[Any], chunksize: int | None, workers: int
+    fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None, workers: int
 ) -> list[Chunk]:
-    """Cut a list of items into chunks for ``map``."""
+    """Cut a sequence of items into chunks for ``map`` (a range stays a range)."""
     size = chunksize or _auto_chunksize(len(items), workers) or 1
     return [Chunk(fn, items[i : i + size], i) for i in range(0, len(items), size)]
 
 
 def first_unpicklable_item(chunk: Chunk, position: int) -> int:
     """The position in the whole input of the item that makes ``chunk`` unpicklable."""
-    return chunk.start + _first_unpicklable(chunk.items)
+    return chunk.start + _first_unpicklable(list(chunk.items))
 
 
 def _auto_chunksize(length: int | None, workers: int) -> int | None:
