@@ -57,8 +57,10 @@ def main() -> None:
     print(f"primes below {limit:,} per slice: {parallel}")
     print(f"total: {sum(parallel):,}")
     print(f"serial:   {serial_s:6.2f} s")
-    print(f"parallel: {parallel_s:6.2f} s on {workers} worker processes "
-          f"({serial_s / parallel_s:.2f}x faster)")
+    print(
+        f"parallel: {parallel_s:6.2f} s on {workers} worker processes "
+        f"({serial_s / parallel_s:.2f}x faster)"
+    )
 
 
 if __name__ == "__main__":
