@@ -142,6 +142,10 @@ class WorkerHandle:
     def escalate(self) -> None:
         """It ignored SIGTERM (or is slow to die): no more asking."""
         self.kill_deadline = None
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL to the worker, its group, and every descendant known or found now."""
         tree = self.tree + _proctree.descendants(self.pid)
         _proctree.signal_tree(self.pid, _proctree.SIGKILL, tree)
 

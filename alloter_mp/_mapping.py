@@ -106,9 +106,7 @@ def imap(
     length = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
     size = chunksize or _auto_chunksize(length, alloter.limit)
     batch = alloter._new_batch([], None, open_input=True)
-    feeder = _Feeder(alloter, fn, iter(iterable), size, ordered, batch)
-    feeder.total = length
-    return feeder.run()
+    return _Feeder(alloter, fn, iter(iterable), size, ordered, batch, length).run()
 
 
 class _Feeder:
@@ -120,6 +118,7 @@ class _Feeder:
         size: int | None,
         ordered: bool,
         batch: Batch,
+        total: int | None,
     ) -> None:
         self.alloter = alloter
         self.fn = fn
@@ -132,7 +131,7 @@ class _Feeder:
         self.ahead = 2 * alloter.limit + 2
         self.next_item = 0
         self.exhausted = False
-        self.total: int | None = None  # items, when the input has a length
+        self.total = total  # items, when the input has a length (for the progress bar)
 
     def run(self) -> Iterator[Any]:
         batch = self.batch

@@ -45,7 +45,6 @@ import atexit
 import contextlib
 import math
 import multiprocessing
-import multiprocessing.connection
 import multiprocessing.util
 import os
 import pickle
@@ -59,7 +58,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _proctree, _transport, _worker
+from . import _transport, _worker
 from ._batch import Batch, Slot, task_error_from
 from ._errors import (
     AlloterError,
@@ -299,7 +298,7 @@ class WorkerPool:
                 batch.fail(error)
                 batch.abandon()  # nobody will report on its tasks any more
             for w in list(self._workers):
-                _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree)
+                w.kill_now()
         finally:
             self._release()
 
@@ -575,7 +574,7 @@ class WorkerPool:
         # Whatever the task started dies with it, whoever's group it sits in. First:
         # a forked grandchild holding the worker's end of the pipe would otherwise
         # keep a half-sent message from ever reaching EOF.
-        _proctree.signal_tree(w.pid, _proctree.SIGKILL, w.tree + _proctree.descendants(w.pid))
+        w.kill_now()
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
         w.proc.join(0.5)

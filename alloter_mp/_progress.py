@@ -44,12 +44,6 @@ class _Bar:
                 self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(slot.size)
 
-    def set_total(self, total: int) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.total = total
-                self._bar.refresh()
-
     def close(self) -> None:
         with self._lock:
             if self._bar is not None:

@@ -77,7 +77,9 @@ def cancelled() -> bool:
     """
     if not _state.in_task:
         return False
-    return bool(_state.flag[0] == _state.batch_id or _state.local_cancel == _state.batch_id)
+    words = _state.view
+    assert words is not None
+    return bool(words[0] == _state.batch_id or _state.local_cancel == _state.batch_id)
 
 
 def raise_if_cancelled() -> None:
@@ -248,8 +250,10 @@ def _run_one(
 ) -> tuple[Any, ...]:
     _state.batch_id = batch_id
     _state.deadline = deadline
-    _state.flag[1] = 0
-    _state.flag[2] = index + 1  # a crash names this task, not one whose result is held back
+    words = _state.view  # the shared words, through the cheaper memoryview
+    assert words is not None
+    words[1] = 0
+    words[2] = index + 1  # a crash names this task, not one whose result is held back
     if measure:
         meter.start()
     wall0 = time.perf_counter()
@@ -272,7 +276,7 @@ def _run_one(
             code = ERR
             body = _unpicklable_result(result, exc)
         del result
-    _state.flag[2] = 0
+    words[2] = 0
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     peak = meter.peak() if measure else 0
