@@ -22,7 +22,7 @@ from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
 
 if TYPE_CHECKING:
-    from ._alloter import ProcessAlloter
+    from ._calls import BatchAlloter
 
 __all__ = ["Chunk", "imap"]
 
@@ -96,7 +96,7 @@ def _auto_chunksize(length: int | None, workers: int) -> int | None:
 
 
 def imap(
-    alloter: ProcessAlloter,
+    alloter: BatchAlloter,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any],
     chunksize: int | None,
@@ -112,7 +112,7 @@ def imap(
 class _Feeder:
     def __init__(
         self,
-        alloter: ProcessAlloter,
+        alloter: BatchAlloter,
         fn: Callable[[Any], Any],
         items: Iterator[Any],
         size: int | None,
