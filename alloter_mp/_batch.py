@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from . import _transport
 from ._errors import Cancelled, ExecTimeout, TaskError
 
 __all__ = ["Batch", "Slot"]
@@ -364,6 +365,35 @@ def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> 
             return True
         if end is not None and time.monotonic() >= end:
             return False
+
+
+def report_outcome(batch: Batch, slot: Slot, ok: bool, body: Any) -> None:
+    """Tell ``batch`` what a worker sent back for ``slot``.
+
+    ``body`` is the pickled result when ``ok``, else the fields of an
+    :class:`~alloter_mp._transport.ExceptionInfo`.
+    """
+    if ok:
+        try:
+            result = _transport.loads(body)
+        except Exception as exc:
+            batch.task_failed(slot, _unloadable_result(slot.base, exc))
+        else:
+            batch.task_returned(slot, result)
+        return
+    info = _transport.ExceptionInfo(*body)
+    cause = _transport.rebuild_exception(info)
+    batch.task_failed(slot, task_error_from(slot.base + info.offset, cause, info.traceback))
+
+
+def _unloadable_result(index: int, exc: BaseException) -> TaskError:
+    error = TaskError(
+        index,
+        f"the task's result cannot be unpickled in the parent: {exc!r}",
+        type_name=type(exc).__name__,
+    )
+    error.__cause__ = exc
+    return error
 
 
 def task_error_from(index: int, cause: BaseException, remote_traceback: str) -> TaskError:

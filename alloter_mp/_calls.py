@@ -248,7 +248,7 @@ class BatchAlloter:
         for i, task in enumerate(tasks):
             if not callable(task):
                 raise TypeError(f"task {i} is not callable: {task!r}")
-        if len(tasks) > 1:
+        if len(tasks) > 1 and self._blob_most > 0:
             try:
                 blob = _transport.dumps_tasks(tasks)
             except Exception:

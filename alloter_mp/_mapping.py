@@ -50,8 +50,8 @@ class Chunk:
         fn = self.fn
         items = self.items
         shared = _worker.chunk_view()
-        if shared is None:  # outside a worker: nothing to report to
-            return [fn(item) for item in items]
+        if shared is None:  # not in a pool worker (on Ray, or called directly)
+            return self._run_slowly()
         words, batch_id = shared
         out: list[Any] = []
         append = out.append
@@ -66,6 +66,24 @@ class Chunk:
                 for offset in range(start, min(start + _BLOCK, len(items))):
                     words[1] = offset
                     append(fn(items[offset]))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                setattr(exc, _transport.OFFSET_ATTR, offset)
+            raise
+        return out
+
+    def _run_slowly(self) -> list[Any]:
+        # The same rules through the public in-task API: cancellation looked at once
+        # per block, a failing item's offset marked on its exception.
+        fn = self.fn
+        items = self.items
+        out: list[Any] = []
+        offset = 0
+        try:
+            for offset, item in enumerate(items):
+                if offset % _BLOCK == 0 and _worker.cancelled():
+                    raise Cancelled("the call was cancelled")
+                out.append(fn(item))
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 setattr(exc, _transport.OFFSET_ATTR, offset)

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _transport, _worker
-from ._batch import Batch, Slot, task_error_from
+from ._batch import Batch, Slot, report_outcome
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -545,19 +545,7 @@ class WorkerPool:
                 continue
             w.tasks_done += 1
             run.avg_wall = wall if run.avg_wall is None else 0.8 * run.avg_wall + 0.2 * wall
-            if code == _worker.OK:
-                try:
-                    result = _transport.loads(body)
-                except Exception as exc:
-                    batch.task_failed(slot, _unloadable_result(slot.base, exc))
-                else:
-                    batch.task_returned(slot, result)
-            else:
-                info = _transport.ExceptionInfo(*body)
-                cause = _transport.rebuild_exception(info)
-                batch.task_failed(
-                    slot, task_error_from(slot.base + info.offset, cause, info.traceback)
-                )
+            report_outcome(batch, slot, code == _worker.OK, body)
         if not w.pipeline:
             self._release_worker(w)
             if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
@@ -657,16 +645,6 @@ def _ahead_depth(batch: Batch, run: _Run) -> int:
         # never waits for a round trip between them; other tasks go one at a time.
         return 2 if batch.even else 1
     return max(1, min(AHEAD_MOST, int(AHEAD_SECONDS / max(run.avg_wall, 1e-6))))
-
-
-def _unloadable_result(index: int, exc: BaseException) -> TaskError:
-    error = TaskError(
-        index,
-        f"the task's result cannot be unpickled in the parent: {exc!r}",
-        type_name=type(exc).__name__,
-    )
-    error.__cause__ = exc
-    return error
 
 
 def _check_count(name: str, value: int | None, *, default: int) -> int:

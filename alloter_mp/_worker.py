@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _transport
@@ -62,6 +63,9 @@ class _TaskState:
     local_cancel: int = -1  # a batch this worker saw fail: skip the rest of it
     deadline: float | None = None
     in_task: bool = False
+    # How a task run by another engine (Ray) asks whether its batch was cancelled;
+    # ``view`` is then None.
+    probe: Callable[[], bool] | None = None
 
 
 _state = _TaskState()
@@ -78,7 +82,9 @@ def cancelled() -> bool:
     if not _state.in_task:
         return False
     words = _state.view
-    assert words is not None
+    if words is None:
+        probe = _state.probe
+        return probe is not None and probe()
     return bool(words[0] == _state.batch_id or _state.local_cancel == _state.batch_id)
 
 
@@ -105,6 +111,22 @@ def time_left() -> float | None:
     if not _state.in_task or _state.deadline is None:
         return None
     return max(0.0, _state.deadline - time.monotonic())
+
+
+@contextlib.contextmanager
+def foreign_task(deadline: float | None, probe: Callable[[], bool]) -> Iterator[None]:
+    """Around :func:`execute` of another engine's task (Ray): the in-task API's answers.
+
+    ``deadline`` is on this process's monotonic clock; ``probe()`` says whether the
+    task's batch was cancelled.
+    """
+    _state.deadline = deadline
+    _state.probe = probe
+    try:
+        yield
+    finally:
+        _state.probe = None
+        _state.deadline = None
 
 
 # -- the process ---------------------------------------------------------------
@@ -254,13 +276,30 @@ def _run_one(
     assert words is not None
     words[1] = 0
     words[2] = index + 1  # a crash names this task, not one whose result is held back
+    if payload is None:
+        outcome = execute(blobs.task, (batch_id, index), measure, meter)
+    else:
+        outcome = execute(pickle.loads, (payload,), measure, meter)
+    words[2] = 0
+    return (index, *outcome)
+
+
+def execute(
+    load: Callable[..., Any], args: tuple[Any, ...], measure: bool, meter: PeakMeter
+) -> tuple[int, Any, float, float, int]:
+    """Load a task with ``load(*args)``, run it, measure it.
+
+    Returns ``(code, body, wall, cpu, peak)``: ``body`` is the pickled result (code
+    ``OK``) or an :class:`~alloter_mp._transport.ExceptionInfo` (code ``ERR``). It
+    never raises for what the task does.
+    """
     if measure:
         meter.start()
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
     _state.in_task = True
     try:
-        task = blobs.task(batch_id, index) if payload is None else pickle.loads(payload)
+        task = load(*args)
         result = task()
         del task
     except BaseException as exc:
@@ -276,11 +315,10 @@ def _run_one(
             code = ERR
             body = _unpicklable_result(result, exc)
         del result
-    words[2] = 0
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     peak = meter.peak() if measure else 0
-    return (index, code, body, wall, cpu, peak)
+    return (code, body, wall, cpu, peak)
 
 
 def _unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:

@@ -7,12 +7,16 @@ process counts here leave them out (and only them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import psutil
 
 HELPERS = ("forkserver", "resource_tracker")
+# Direct children that a local Ray started (filled by the ``ray_session`` fixture):
+# they and their descendants (Ray's own workers) are Ray's to manage, not ours.
+RAY_ROOTS: set[int] = set()
 
 
 def live_descendants(root: psutil.Process | None = None) -> list[psutil.Process]:
@@ -25,7 +29,14 @@ def live_descendants(root: psutil.Process | None = None) -> list[psutil.Process]
     """
     root = root or psutil.Process()
     out = []
+    ray_pids = set()
+    for pid in RAY_ROOTS:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ray_pids.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+        ray_pids.add(pid)
     for proc in root.children(recursive=True):
+        if proc.pid in ray_pids:
+            continue
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue

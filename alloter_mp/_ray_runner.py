@@ -1,0 +1,344 @@
+"""Running batches on Ray: the second runner behind the same batch rules.
+
+One thread per :class:`RayRunner` (its supervisor) owns every Ray task the runner has
+in flight. It blocks on one queue of events — "a task's object is ready", "a batch
+arrived or ended" — with the nearest timer (a deadline, the end of a grace period)
+as its timeout, and on each turn:
+
+* settles finished tasks: the task's own outcome through
+  :func:`~alloter_mp._batch.report_outcome`, a dead worker as
+  :class:`WorkerCrashed` (or :class:`MemoryLimitExceeded` when the task's memory
+  guard recorded a kill), a task it force-cancelled as killed;
+* for a batch that has ended: cancels its Ray tasks without force (a running one
+  sees it through ``cancelled()``, a queued one never starts), and at the grace
+  deadline cancels what still runs with force (Ray kills the worker);
+* hands queued tasks to Ray while fewer than ``limit`` of the runner's tasks are in
+  flight, one batch after another in turn.
+
+The rules of a call (what ends it, what is skipped, what the outcome is) are the
+batch's; this module only reports facts to it, as the local pool does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ._batch import Batch, Slot, report_outcome
+from ._errors import AlloterError, MemoryLimitExceeded, TaskError, WorkerCrashed
+from ._ray_task import Board, run_task
+
+__all__ = ["RayRunner", "import_ray"]
+
+# A task force-cancelled this long ago whose object never resolved is settled anyway.
+KILL_GIVE_UP = 10.0
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or an ImportError that names the extra to install."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            "alloter_mp.ray needs Ray, which is not installed: pip install 'alloter-mp[ray]'"
+        ) from exc
+    return ray
+
+
+class _Running:
+    """One task handed to Ray."""
+
+    __slots__ = ("batch", "killed_at", "ref", "slot", "told")
+
+    def __init__(self, batch: Batch, slot: Slot, ref: Any) -> None:
+        self.batch = batch
+        self.slot = slot
+        self.ref = ref
+        self.told = False  # cancelled without force: the batch ended
+        self.killed_at: float | None = None  # cancelled with force
+
+
+class _BatchRun:
+    """The runner's bookkeeping for one batch."""
+
+    __slots__ = ("key", "memory_limit", "paths", "running")
+
+    def __init__(self, key: int, memory_limit: int | None) -> None:
+        self.key = key
+        self.memory_limit = memory_limit
+        self.running: set[_Running] = set()
+        # The caller's import path, for the tasks' workers (see run_task).
+        self.paths = tuple(os.path.abspath(p) for p in sys.path)
+
+
+class RayRunner:
+    """Runs batches' tasks as Ray tasks, at most ``limit`` in flight at once."""
+
+    def __init__(self, ray: Any, limit: int, num_cpus: float) -> None:
+        self._ray = ray
+        self._limit = limit
+        self._remote = ray.remote(run_task).options(
+            num_cpus=num_cpus, max_retries=0, retry_exceptions=False
+        )
+        self._board: Any = None
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._batches: deque[Batch] = deque()  # supervisor thread only
+        self._in_flight: dict[Any, _Running] = {}  # ObjectRef -> _Running
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- from callers --------------------------------------------------------------
+
+    def submit(self, batch: Batch, memory_limit: int | None) -> None:
+        """Start running ``batch``; its slots are all settled by this runner."""
+        with self._lock:
+            if self._closed:
+                raise AlloterError("the alloter is closed")
+            if self._board is None and memory_limit is not None:
+                actor = self._ray.remote(Board).options(num_cpus=0, max_restarts=0)
+                self._board = actor.remote()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._supervise, name="alloter_mp-ray", daemon=True
+                )
+                self._thread.start()
+        batch.runner_state = _BatchRun(batch.id, memory_limit)
+        batch.notify = self._wake
+        self._events.put(("batch", batch))
+
+    def close(self) -> None:
+        """End every batch, force-cancel what runs, stop the supervisor."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._events.put(("close", None))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if self._board is not None:
+            with contextlib.suppress(Exception):
+                self._ray.kill(self._board)
+            self._board = None
+
+    def _wake(self) -> None:
+        self._events.put(("wake", None))
+
+    # -- the supervisor --------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug here must not hang the callers
+            error = AlloterError(f"the Ray supervisor failed: {exc!r}")
+            for batch in list(self._batches):
+                batch.fail(error)
+                batch.abandon()
+            for batch in self._drain_new_batches():
+                batch.fail(error)
+                batch.abandon()
+            raise
+
+    def _drain_new_batches(self) -> list[Batch]:
+        found: list[Batch] = []
+        while True:
+            try:
+                kind, value = self._events.get_nowait()
+            except queue.Empty:
+                return found
+            if kind == "batch":
+                found.append(value)
+
+    def _loop(self) -> None:
+        closing = False
+        while True:
+            timeout = self._next_timer()
+            try:
+                event: tuple[str, Any] | None = self._events.get(timeout=timeout)
+            except queue.Empty:
+                event = None
+            while event is not None:
+                kind, value = event
+                if kind == "batch":
+                    self._batches.append(value)
+                elif kind == "done":
+                    self._settle(value)
+                elif kind == "close":
+                    closing = True
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    event = None
+            now = time.monotonic()
+            if closing:
+                for batch in self._batches:
+                    batch.cancel(AlloterError("the alloter was closed"))
+            self._handle_endings(now)
+            self._dispatch()
+            self._forget_settled()
+            if closing and not self._batches and not self._in_flight:
+                return
+
+    def _next_timer(self) -> float | None:
+        soonest: float | None = None
+        for batch in self._batches:
+            if batch.ending:
+                run: _BatchRun = batch.runner_state
+                unkilled = any(r.killed_at is None for r in run.running)
+                at = batch.grace_deadline if unkilled else None
+            else:
+                at = batch.deadline
+            if at is not None and (soonest is None or at < soonest):
+                soonest = at
+        for running in self._in_flight.values():
+            if running.killed_at is not None:
+                at = running.killed_at + KILL_GIVE_UP
+                if soonest is None or at < soonest:
+                    soonest = at
+        if soonest is None:
+            return None
+        return max(0.0, soonest - time.monotonic())
+
+    def _handle_endings(self, now: float) -> None:
+        for batch in self._batches:
+            if not batch.ending and batch.deadline is not None and now >= batch.deadline:
+                batch.expire()
+            if not batch.ending:
+                continue
+            run: _BatchRun = batch.runner_state
+            grace = batch.grace_deadline
+            for running in run.running:
+                if not running.told:
+                    running.told = True
+                    with contextlib.suppress(Exception):
+                        self._ray.cancel(running.ref, force=False)
+                if grace is not None and now >= grace and running.killed_at is None:
+                    running.killed_at = now
+                    with contextlib.suppress(Exception):
+                        self._ray.cancel(running.ref, force=True)
+        for running in list(self._in_flight.values()):
+            if running.killed_at is not None and now >= running.killed_at + KILL_GIVE_UP:
+                # Ray never said the task ended: settle it, and stop counting it.
+                self._forget_running(running)
+                running.batch.task_killed(running.slot)
+
+    def _dispatch(self) -> None:
+        # One task per batch in turn, so that concurrent calls share the limit.
+        while len(self._in_flight) < self._limit:
+            handed = False
+            for batch in self._batches:
+                if len(self._in_flight) >= self._limit:
+                    return
+                if batch.ending or not batch.has_queued():
+                    continue
+                for slot in batch.take(1):
+                    self._hand(batch, slot)
+                    handed = True
+            if not handed:
+                return
+
+    def _hand(self, batch: Batch, slot: Slot) -> None:
+        run: _BatchRun = batch.runner_state
+        deadline_wall = None
+        if batch.deadline is not None:
+            deadline_wall = time.time() + (batch.deadline - time.monotonic())
+        try:
+            ref = self._remote.remote(
+                slot.payload,
+                run.key,
+                slot.index,
+                deadline_wall,
+                batch.measure,
+                run.memory_limit,
+                self._board,
+                run.paths,
+            )
+        except Exception as exc:
+            batch.task_failed(
+                slot, WorkerCrashed(slot.base, None, message=f"Ray refused it: {exc}")
+            )
+            return
+        slot.payload = None  # Ray holds its own copy
+        running = _Running(batch, slot, ref)
+        self._in_flight[ref] = running
+        run.running.add(running)
+        put = self._events.put
+        ref.future().add_done_callback(lambda _f, ref=ref: put(("done", ref)))
+
+    def _forget_running(self, running: _Running) -> None:
+        self._in_flight.pop(running.ref, None)
+        run: _BatchRun = running.batch.runner_state
+        run.running.discard(running)
+
+    def _settle(self, ref: Any) -> None:
+        running = self._in_flight.get(ref)
+        if running is None:
+            return  # settled already (given up on after a kill)
+        self._forget_running(running)
+        batch, slot = running.batch, running.slot
+        try:
+            code, body, wall, cpu, peak, pid = self._ray.get(ref)
+        except Exception as exc:
+            self._settle_failure(running, exc)
+            return
+        slot.wall_s, slot.cpu_s, slot.peak_rss, slot.pid = wall, cpu, peak, pid
+        report_outcome(batch, slot, code == 0, body)
+
+    def _settle_failure(self, running: _Running, exc: BaseException) -> None:
+        batch, slot = running.batch, running.slot
+        if running.told or running.killed_at is not None:
+            batch.task_killed(slot)
+            return
+        run: _BatchRun = batch.runner_state
+        if run.memory_limit is not None:
+            kill = self._memory_kill(run.key, slot.index)
+            if kill is not None:
+                peak, pid = kill
+                slot.peak_rss, slot.pid = peak, pid
+                error: TaskError = MemoryLimitExceeded(
+                    slot.base, run.memory_limit, peak, pid, exitcode=-9
+                )
+                batch.task_failed(slot, error, crashed=True)
+                return
+        ray_exc = self._ray.exceptions
+        if isinstance(exc, ray_exc.RayTaskError):
+            # run_task itself failed (it catches all the task does): say what Ray said.
+            error = TaskError(slot.base, str(exc), getattr(exc, "traceback_str", ""))
+            error.__cause__ = exc
+            batch.task_failed(slot, error)
+            return
+        message = f"its Ray worker died: {type(exc).__name__}: {_first_line(exc)}"
+        batch.task_failed(slot, WorkerCrashed(slot.base, None, message=message), crashed=True)
+
+    def _memory_kill(self, key: int, index: int) -> tuple[int, int] | None:
+        try:
+            found = self._ray.get(self._board.memory_kill.remote(key, index), timeout=5.0)
+        except Exception:
+            return None
+        return None if found is None else (int(found[0]), int(found[1]))
+
+    def _forget_settled(self) -> None:
+        while self._batches and self._batches[0].settled.is_set():
+            self._forget(self._batches.popleft())
+        if any(b.settled.is_set() for b in self._batches):
+            kept = deque(b for b in self._batches if not b.settled.is_set())
+            for b in self._batches:
+                if b.settled.is_set():
+                    self._forget(b)
+            self._batches = kept
+
+    def _forget(self, batch: Batch) -> None:
+        run: _BatchRun = batch.runner_state
+        if run.memory_limit is not None and self._board is not None:
+            with contextlib.suppress(Exception):
+                self._board.forget.remote(run.key)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,104 @@
+"""The same alloter on a Ray cluster: :class:`RayAlloter`.
+
+>>> from alloter_mp.ray import RayAlloter                  # doctest: +SKIP
+>>> with RayAlloter(8, timeout=60.0, address="auto") as alloter:
+...     alloter.map(score, items)
+
+Ray is an optional extra (``pip install 'alloter-mp[ray]'``); ``import alloter_mp``
+never imports it, and this module imports it only when an alloter is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._batch import Batch
+from ._calls import BatchAlloter
+from ._ray_runner import RayRunner, import_ray
+
+__all__ = ["RayAlloter"]
+
+
+class RayAlloter(BatchAlloter):
+    """Run batches of callables as Ray tasks, at most ``limit`` of them at once.
+
+    The calls and their outcomes are those of :class:`~alloter_mp.ProcessAlloter`:
+    results in task order; the first failure raises :class:`~alloter_mp.TaskError`
+    with the remote traceback and ends the siblings (queued tasks are never handed to
+    Ray, running ones see :func:`~alloter_mp.cancelled` and are force-cancelled —
+    their Ray worker killed — ``cancel_grace`` seconds later); ``timeout`` bounds the
+    whole call and force-cancels what still runs; a dead Ray worker is a
+    :class:`~alloter_mp.WorkerCrashed` (``exitcode`` ``None``: Ray does not say).
+    Nothing is retried.
+
+    ``address=None`` joins the Ray already initialised in this process, or else
+    starts a local one; ``"auto"`` or ``"ray://host:port"`` joins a cluster (a Ray
+    already initialised in this process is used as it is).
+    :meth:`close` shuts down only a Ray this alloter started (or connected to) itself.
+    ``limit`` bounds this alloter's tasks in flight on the cluster, all calls
+    together (``None``: the cluster's CPUs divided by ``num_cpus``, the CPUs each task
+    asks Ray for); a task handed to Ray counts as running even while Ray queues it.
+    ``memory_limit`` (bytes of a task's Ray worker) and ``progress`` work as on the
+    process alloter. The tasks' code must be importable on every node (or travel by
+    value: functions defined in ``__main__`` do).
+    """
+
+    _blob_most = 0  # each task is its own Ray task: pickled alone
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        *,
+        timeout: float | None = None,
+        cancel_grace: float = 0.5,
+        address: str | None = None,
+        num_cpus: float = 1,
+        memory_limit: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)):
+            raise TypeError(f"num_cpus must be a number, not {num_cpus!r}")
+        if not num_cpus > 0:
+            raise ValueError(f"num_cpus must be > 0, not {num_cpus!r}")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a str or None, not {type(address).__name__}")
+        # Check every option before Ray starts: a bad one must not leave a cluster behind.
+        self._set_options(1, timeout, cancel_grace, memory_limit, progress)
+        ray = import_ray()
+        self._owns_ray = False
+        if not ray.is_initialized():
+            init: dict[str, Any] = {"address": address}
+            if address is None:
+                init.update(include_dashboard=False, log_to_driver=True)
+            ray.init(**init)
+            self._owns_ray = True
+        self._ray = ray
+        if not limit:
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            limit = max(1, int(cpus // num_cpus))
+        self._limit = limit
+        self._num_cpus = num_cpus
+        self._runner = RayRunner(ray, limit, num_cpus)
+        self._closed = False
+
+    def _submit(self, batch: Batch) -> None:
+        self._runner.submit(batch, self._memory_limit)
+
+    def close(self) -> None:
+        """End what still runs, and shut Ray down if this alloter started it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._runner.close()
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} limit={self._limit} timeout={self._timeout} "
+            f"num_cpus={self._num_cpus}>"
+        )

@@ -1,0 +1,496 @@
+"""RayAlloter on a real local Ray: the outcomes of the process alloter, on Ray.
+
+The session's Ray (``ray_session`` in conftest) has 2 CPUs and listens on the
+loopback address only. The task functions below are module-level on purpose: they
+travel by reference, so the Ray workers import this module, as they would a user's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _procs import pid_gone
+
+import alloter_mp
+from alloter_mp import (
+    Cancelled,
+    Context,
+    ExecTimeout,
+    MemoryLimitExceeded,
+    RemoteError,
+    SerializationError,
+    TaskError,
+    WorkerCrashed,
+)
+from alloter_mp.ray import RayAlloter
+
+pytestmark = pytest.mark.ray
+
+# The contract's timing bound on Ray is 500 ms; the tests allow that plus a wide
+# margin for a loaded 2-core CI machine, which still catches a missed end.
+BOUND = 0.5
+SLACK = 1.5
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
+    a = RayAlloter(2, cancel_grace=0.3)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+# -- tasks (run in Ray workers) --------------------------------------------------
+
+
+def value(x: Any) -> Any:
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on(bad: int, x: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def sleep_then_raise(seconds: float) -> None:
+    time.sleep(seconds)
+    raise ValueError("late boom")
+
+
+def raise_at(path: str, seconds: float) -> None:
+    time.sleep(seconds)
+    Path(path).write_text(repr(time.time()))
+    raise ValueError("raised on time")
+
+
+def spin(pidfile: str) -> None:
+    Path(pidfile).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def spin_with_child(pidfile: str) -> None:
+    child = subprocess.Popen(["sleep", "1000"])
+    Path(pidfile).write_text(f"{os.getpid()} {child.pid}")
+    while True:
+        pass
+
+
+def cooperative(path: str) -> str:
+    """Wait for ``cancelled()``, write when it was seen, return."""
+    deadline = time.monotonic() + 30
+    while not alloter_mp.cancelled():
+        if time.monotonic() > deadline:
+            return "never told"
+        time.sleep(0.005)
+    Path(path).write_text(repr(time.time()))
+    return "told"
+
+
+def record(path: str, seconds: float) -> int:
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{start} {time.time()}\n")
+    return os.getpid()
+
+
+def burn(seconds: float) -> float:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return seconds
+
+
+def in_task_view() -> tuple[bool, float | None, int]:
+    return alloter_mp.cancelled(), alloter_mp.time_left(), os.getpid()
+
+
+def exit_now() -> None:
+    os._exit(3)
+
+
+def segfault() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TwoArgError(Exception):
+    def __init__(self, a: Any, b: Any) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg() -> None:
+    raise TwoArgError(1, 2)
+
+
+def return_lock() -> Any:
+    return threading.Lock()
+
+
+def big_result(size: int) -> bytes:
+    return b"x" * size
+
+
+def hog(step: int, most: int) -> int:
+    held = []
+    for _ in range(most // step):
+        held.append(bytearray(step))
+        for i in range(0, step, 4096):
+            held[-1][i] = 1
+        time.sleep(0.002)
+    return len(held)
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _read_pid(path: Path, timeout: float = 30.0) -> list[int]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return [int(p) for p in path.read_text().split()]
+        time.sleep(0.01)
+    raise AssertionError(f"no pid in {path}")
+
+
+def _spans(path: Path) -> list[tuple[float, float]]:
+    return [
+        (float(a), float(b)) for a, b in (line.split() for line in path.read_text().splitlines())
+    ]
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+# -- results ------------------------------------------------------------------------
+
+
+def test_results_in_order_from_ray_workers(ralloter: RayAlloter) -> None:
+    tasks = [partial(value, i) for i in range(20)] + [lambda: "closure", partial(os.getpid)]
+    out = ralloter.exec(*tasks)
+    assert out[:21] == [*range(20), "closure"]
+    worker = psutil.Process(out[21])
+    assert worker.pid != os.getpid()
+    assert worker.name().startswith("ray::"), worker.name()
+    assert ralloter.exec() == []
+
+
+def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: Path) -> None:
+    spans = tmp_path / "spans"
+    with RayAlloter(1) as a:
+        assert a.limit == 1
+        a.exec(*[partial(record, str(spans), 0.1) for _ in range(4)])
+        assert _most_at_once(_spans(spans)) == 1
+    spans.unlink()
+    with RayAlloter(2) as a:
+        threads = [
+            threading.Thread(target=a.exec, args=[partial(record, str(spans), 0.15)] * 3)
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(_spans(spans)) == 6
+        assert _most_at_once(_spans(spans)) <= 2
+
+
+def test_limit_none_is_the_clusters_cpus(ray_session: Any) -> None:
+    with RayAlloter() as a:
+        assert a.limit == 2
+    with RayAlloter(num_cpus=2) as a:
+        assert a.limit == 1
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
+    ralloter: RayAlloter, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    started = time.monotonic()
+    with pytest.raises(TaskError) as info:
+        ralloter.exec(partial(sleep_then_raise, 0.3), partial(spin, str(pidfile)), lambda: 1)
+    elapsed = time.monotonic() - started
+    err = info.value
+    assert err.index == 0
+    assert isinstance(err.__cause__, ValueError)
+    assert "late boom" in err.remote_traceback and "sleep_then_raise" in err.remote_traceback
+    assert elapsed < 0.3 + BOUND + SLACK, elapsed
+    (pid,) = _read_pid(pidfile)
+    # The spinning sibling ignores cancelled(): it is force-cancelled after the grace.
+    assert pid_gone(pid, timeout=0.3 + BOUND + SLACK + 5), "spinning sibling still alive"
+
+
+def test_running_sibling_is_told_through_cancelled(ray_session: Any, tmp_path: Path) -> None:
+    seen, raised = tmp_path / "seen", tmp_path / "raised"
+    with RayAlloter(2, cancel_grace=5.0) as a:
+        report = a.exec_report(partial(cooperative, str(seen)), partial(raise_at, str(raised), 0.5))
+    assert [t.status for t in report.tasks] == ["cancelled", "error"]
+    assert report.tasks[0].result == "told"
+    told_after = float(seen.read_text()) - float(raised.read_text())
+    assert 0 <= told_after < BOUND + SLACK, told_after
+
+
+def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_path: Path) -> None:
+    spans = tmp_path / "spans"
+    report = ralloter.exec_report(
+        partial(sleep_then_raise, 0.2),
+        partial(record, str(spans), 0.5),
+        *[partial(record, str(spans), 0.01) for _ in range(3)],
+    )
+    statuses = [t.status for t in report.tasks]
+    assert statuses == ["error", "cancelled", "skipped", "skipped", "skipped"]
+    assert len(_spans(spans)) == 1  # the running sibling returned by itself, late
+    assert not report.ok
+    with pytest.raises(TaskError):
+        report.raise_for_status()
+    json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
+def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any) -> None:
+    with pytest.raises(WorkerCrashed) as info:
+        ralloter.exec(lambda: time.sleep(0.2), crash)
+    assert info.value.index == 1
+    assert info.value.exitcode is None  # Ray does not report how a worker died
+    assert "died" in str(info.value)
+    # Nothing is retried, and the alloter goes on.
+    assert ralloter.exec(lambda: 5) == [5]
+
+
+def test_exceptions_and_results_that_cannot_travel(ralloter: RayAlloter) -> None:
+    with pytest.raises(TaskError) as info:
+        ralloter.exec(raise_two_arg)
+    assert isinstance(info.value.__cause__, RemoteError)
+    assert "TwoArgError" in str(info.value) and "1/2" in str(info.value)
+    with pytest.raises(TaskError, match="cannot be pickled"):
+        ralloter.exec(return_lock)
+
+
+def test_unpicklable_task_fails_before_anything_runs(ralloter: RayAlloter, tmp_path: Path) -> None:
+    spans = tmp_path / "spans"
+    lock = threading.Lock()
+    with pytest.raises(SerializationError) as info:
+        ralloter.exec(partial(record, str(spans), 0.0), lambda: lock)
+    assert info.value.index == 1
+    time.sleep(0.3)
+    assert not spans.exists()
+    with pytest.raises(TypeError):
+        ralloter.exec(lambda: 1, 42)  # type: ignore[arg-type]
+
+
+def test_huge_result(ralloter: RayAlloter) -> None:
+    (out,) = ralloter.exec(partial(big_result, 64 * MiB))
+    assert len(out) == 64 * MiB
+
+
+# -- timeouts, contexts ------------------------------------------------------------
+
+
+def test_timeout_stops_the_work(ray_session: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with RayAlloter(2, timeout=1.0, cancel_grace=0.2) as a:
+        started = time.monotonic()
+        with pytest.raises(ExecTimeout):
+            a.exec(partial(spin_with_child, str(pidfile)), lambda: 1)
+        elapsed = time.monotonic() - started
+        assert 1.0 <= elapsed < 1.0 + BOUND + SLACK, elapsed
+        pid, child = _read_pid(pidfile)
+        assert pid_gone(pid, timeout=0.2 + BOUND + SLACK), "the spinning task still runs"
+        assert pid_gone(child, timeout=5.0), "the task's child still runs"
+        assert a.exec(lambda: 2) == [2]
+
+
+def test_time_left_and_cancelled_inside_a_task(ray_session: Any) -> None:
+    with RayAlloter(1, timeout=30.0) as a:
+        (seen,) = a.exec(in_task_view)
+    was_cancelled, left, _ = seen
+    assert was_cancelled is False
+    assert left is not None and 25.0 < left <= 30.0
+    with RayAlloter(1) as a:
+        assert a.exec(in_task_view)[0][:2] == (False, None)
+
+
+def test_context_cancel_ends_the_call(ralloter: RayAlloter, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    ctx = Context()
+    threading.Timer(0.5, ctx.cancel, args=("enough",)).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled, match="enough"):
+        ralloter.exec_with_context(ctx, partial(cooperative, str(seen)))
+    assert time.monotonic() - started < 0.5 + BOUND + SLACK
+    end = time.monotonic() + 5
+    while not seen.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert seen.exists(), "the running task was not told"
+
+
+def test_context_deadline_is_an_exec_timeout(ralloter: RayAlloter) -> None:
+    ctx = Context(timeout=0.5)
+    with pytest.raises(ExecTimeout):
+        ralloter.exec_with_context(ctx, partial(time.sleep, 30))
+
+
+# -- map, imap, reports, memory ----------------------------------------------------
+
+
+def test_map_and_imap(ralloter: RayAlloter) -> None:
+    assert ralloter.map(square, range(200)) == [x * x for x in range(200)]
+    assert ralloter.map(square, range(50), chunksize=7) == [x * x for x in range(50)]
+    with pytest.raises(TaskError) as info:
+        ralloter.map(partial(fail_on, 137), range(300), chunksize=20)
+    assert info.value.index == 137
+    assert list(ralloter.imap(square, iter(range(100)))) == [x * x for x in range(100)]
+    unordered = ralloter.imap(square, (x for x in range(100)), ordered=False)
+    assert sorted(unordered) == [x * x for x in range(100)]
+    with pytest.raises(TaskError) as info:
+        list(ralloter.imap(partial(fail_on, 42), iter(range(100)), chunksize=5))
+    assert info.value.index == 42
+
+
+def test_imap_closed_early_ends_the_work(ralloter: RayAlloter) -> None:
+    results = ralloter.imap(square, iter(range(10_000_000)), chunksize=10)
+    assert next(results) == 0
+    results.close()  # type: ignore[attr-defined]
+    assert ralloter.exec(lambda: 7) == [7]
+
+
+def test_report_measures_inside_the_ray_worker(ralloter: RayAlloter) -> None:
+    report = ralloter.exec_report(partial(burn, 0.3), partial(value, "v"))
+    assert report.ok and report.results == [0.3, "v"]
+    burner, plain = report.tasks
+    assert burner.status == plain.status == "ok"
+    assert 0.25 <= burner.cpu_s <= 0.6, burner.cpu_s
+    assert burner.wall_s >= burner.cpu_s * 0.9
+    assert burner.peak_rss > 10 * MiB and plain.peak_rss > 10 * MiB
+    assert burner.pid is not None and psutil.Process(burner.pid).name().startswith("ray::")
+    assert "ok" in str(report)
+
+
+def test_memory_limit_kills_the_task(ray_session: Any) -> None:
+    limit = 400 * MiB  # a Ray worker alone holds about 90 MiB
+    with RayAlloter(1, memory_limit=limit) as a:
+        with pytest.raises(MemoryLimitExceeded) as info:
+            a.exec(partial(hog, 10 * MiB, 2048 * MiB))
+        err = info.value
+        assert err.index == 0 and err.limit == limit
+        assert err.peak_rss > limit
+        assert err.pid is not None and pid_gone(err.pid, timeout=5.0)
+        assert a.exec(partial(hog, 10 * MiB, 50 * MiB)) == [5]
+
+
+def test_progress_bar(ray_session: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    with RayAlloter(2, progress=True) as a:
+        assert a.map(square, range(10), chunksize=2) == [x * x for x in range(10)]
+    err = capfd.readouterr().err
+    assert "10/10" in err
+
+
+# -- setup -------------------------------------------------------------------------
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def test_import_alloter_mp_never_imports_ray() -> None:
+    out = _python(
+        """
+        import sys, alloter_mp, alloter_mp.ray
+        assert "ray" not in sys.modules, "ray was imported"
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_missing_ray_is_a_clear_error() -> None:
+    out = _python(
+        """
+        import sys
+        sys.modules["ray"] = None  # as if not installed
+        from alloter_mp.ray import RayAlloter
+        try:
+            RayAlloter(2)
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'alloter-mp[ray]'" in out.stdout
+
+
+def test_bad_options_fail_before_ray_starts() -> None:
+    with pytest.raises(ValueError):
+        RayAlloter(-1)
+    with pytest.raises(TypeError):
+        RayAlloter("2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        RayAlloter(2, timeout=0)
+    with pytest.raises(ValueError):
+        RayAlloter(2, num_cpus=0)
+    with pytest.raises(ValueError):
+        RayAlloter(2, memory_limit=-5)
+
+
+def test_close_shuts_down_only_a_ray_it_started(ray_session: Any, tmp_path: Path) -> None:
+    # Ours joins the session's Ray and leaves it running.
+    with RayAlloter(1) as a:
+        assert a.exec(lambda: 1) == [1]
+    assert ray_session.is_initialized()
+    # With no Ray in the process, an alloter starts one and shuts it down on close.
+    out = _python(
+        """
+        import psutil, ray
+        from alloter_mp.ray import RayAlloter
+        with RayAlloter(1, timeout=60) as a:
+            assert a.exec(lambda: 41 + 1) == [42]
+            assert ray.is_initialized()
+        assert not ray.is_initialized()
+        left = [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+        print("left", len(left), [p.name() for p in left])
+        """,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "left 0 []" in out.stdout, out.stdout
