@@ -36,6 +36,9 @@ from ._ray_task import Board, run_task
 
 __all__ = ["RayRunner", "import_ray"]
 
+# Ray drops a forced cancel that closely follows an unforced one (measured: within
+# ~10 ms), so a forced cancel is repeated this often until the task's object resolves.
+FORCE_AGAIN = 0.1
 # A task force-cancelled this long ago whose object never resolved is settled anyway.
 KILL_GIVE_UP = 10.0
 
@@ -54,14 +57,15 @@ def import_ray() -> Any:
 class _Running:
     """One task handed to Ray."""
 
-    __slots__ = ("batch", "killed_at", "ref", "slot", "told")
+    __slots__ = ("batch", "forced_at", "killed_at", "ref", "slot", "told")
 
     def __init__(self, batch: Batch, slot: Slot, ref: Any) -> None:
         self.batch = batch
         self.slot = slot
         self.ref = ref
         self.told = False  # cancelled without force: the batch ended
-        self.killed_at: float | None = None  # cancelled with force
+        self.killed_at: float | None = None  # first cancelled with force
+        self.forced_at = 0.0  # last cancelled with force
 
 
 class _BatchRun:
@@ -197,7 +201,7 @@ class RayRunner:
                 soonest = at
         for running in self._in_flight.values():
             if running.killed_at is not None:
-                at = running.killed_at + KILL_GIVE_UP
+                at = min(running.forced_at + FORCE_AGAIN, running.killed_at + KILL_GIVE_UP)
                 if soonest is None or at < soonest:
                     soonest = at
         if soonest is None:
@@ -212,20 +216,33 @@ class RayRunner:
                 continue
             run: _BatchRun = batch.runner_state
             grace = batch.grace_deadline
+            # Read the clock again: the batch may have ended (in a caller's thread)
+            # after this turn's ``now``, and a grace of 0 must not send the unforced
+            # cancel that would make Ray drop the forced one.
+            over = grace is not None and time.monotonic() >= grace
             for running in run.running:
                 if not running.told:
                     running.told = True
-                    with contextlib.suppress(Exception):
-                        self._ray.cancel(running.ref, force=False)
-                if grace is not None and now >= grace and running.killed_at is None:
+                    if not over:  # no grace left: only the forced cancel below
+                        with contextlib.suppress(Exception):
+                            self._ray.cancel(running.ref, force=False)
+                if over and running.killed_at is None:
                     running.killed_at = now
-                    with contextlib.suppress(Exception):
-                        self._ray.cancel(running.ref, force=True)
+                    self._force(running, now)
         for running in list(self._in_flight.values()):
-            if running.killed_at is not None and now >= running.killed_at + KILL_GIVE_UP:
+            if running.killed_at is None:
+                continue
+            if now >= running.forced_at + FORCE_AGAIN:
+                self._force(running, now)
+            if now >= running.killed_at + KILL_GIVE_UP:
                 # Ray never said the task ended: settle it, and stop counting it.
                 self._forget_running(running)
                 running.batch.task_killed(running.slot)
+
+    def _force(self, running: _Running, now: float) -> None:
+        running.forced_at = now
+        with contextlib.suppress(Exception):
+            self._ray.cancel(running.ref, force=True)
 
     def _dispatch(self) -> None:
         # One task per batch in turn, so that concurrent calls share the limit.

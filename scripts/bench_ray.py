@@ -82,11 +82,11 @@ def _timeout(make: Any, grace: float, rounds: int) -> tuple[list[float], list[fl
     return late, gone
 
 
-def _fmt(values: list[float], scale: float = 1000.0) -> str:
-    return (
-        f"{statistics.median(values) * scale:.0f} "
-        f"[{min(values) * scale:.0f}-{max(values) * scale:.0f}]"
-    )
+def _fmt(values: list[float], scale: float = 1000.0, digits: int = 0) -> str:
+    def one(v: float) -> str:
+        return f"{v * scale:.{digits}f}"
+
+    return f"{one(statistics.median(values))} [{one(min(values))}-{one(max(values))}]"
 
 
 def main() -> None:
@@ -127,7 +127,7 @@ def main() -> None:
     for name, r in rows.items():
         per_task = [v / (TASKS / LIMIT) for v in r["overhead"]]
         print(
-            f"| {name} | {_fmt(r['overhead'])} | {_fmt(per_task)} | "
+            f"| {name} | {_fmt(r['overhead'])} | {_fmt(per_task, digits=2)} | "
             f"{_fmt(r['late_g0.0'])} | {_fmt(r['gone_g0.0'])} | "
             f"{_fmt(r['late_g0.5'])} | {_fmt(r['gone_g0.5'])} |"
         )

@@ -319,16 +319,17 @@ def test_huge_result(ralloter: RayAlloter) -> None:
 # -- timeouts, contexts ------------------------------------------------------------
 
 
-def test_timeout_stops_the_work(ray_session: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grace", [0.0, 0.2])
+def test_timeout_stops_the_work(ray_session: Any, tmp_path: Path, grace: float) -> None:
     pidfile = tmp_path / "pid"
-    with RayAlloter(2, timeout=1.0, cancel_grace=0.2) as a:
+    with RayAlloter(2, timeout=1.0, cancel_grace=grace) as a:
         started = time.monotonic()
         with pytest.raises(ExecTimeout):
             a.exec(partial(spin_with_child, str(pidfile)), lambda: 1)
         elapsed = time.monotonic() - started
         assert 1.0 <= elapsed < 1.0 + BOUND + SLACK, elapsed
         pid, child = _read_pid(pidfile)
-        assert pid_gone(pid, timeout=0.2 + BOUND + SLACK), "the spinning task still runs"
+        assert pid_gone(pid, timeout=grace + BOUND + SLACK), "the spinning task still runs"
         assert pid_gone(child, timeout=5.0), "the task's child still runs"
         assert a.exec(lambda: 2) == [2]
 
