@@ -9,8 +9,9 @@ as its timeout, and on each turn:
   :func:`~alloter_mp._batch.report_outcome`, a dead worker as
   :class:`WorkerCrashed` (or :class:`MemoryLimitExceeded` when the task's memory
   guard recorded a kill), a task it force-cancelled as killed;
-* for a batch that has ended: cancels its Ray tasks without force (a running one
-  sees it through ``cancelled()``, a queued one never starts), and at the grace
+* for a batch that has ended: cancels its Ray tasks without force and marks the
+  batch on the :class:`~alloter_mp._ray_task.Board` (a running task sees either
+  through ``cancelled()``, a task Ray still queues never starts), and at the grace
   deadline cancels what still runs with force (Ray kills the worker);
 * hands queued tasks to Ray while fewer than ``limit`` of the runner's tasks are in
   flight, one batch after another in turn.
@@ -71,12 +72,13 @@ class _Running:
 class _BatchRun:
     """The runner's bookkeeping for one batch."""
 
-    __slots__ = ("key", "memory_limit", "paths", "running")
+    __slots__ = ("key", "marked", "memory_limit", "paths", "running")
 
     def __init__(self, key: int, memory_limit: int | None) -> None:
         self.key = key
         self.memory_limit = memory_limit
         self.running: set[_Running] = set()
+        self.marked = False  # the board knows the batch ended
         # The caller's import path, for the tasks' workers (see run_task).
         self.paths = tuple(os.path.abspath(p) for p in sys.path)
 
@@ -105,7 +107,7 @@ class RayRunner:
         with self._lock:
             if self._closed:
                 raise AlloterError("the alloter is closed")
-            if self._board is None and memory_limit is not None:
+            if self._board is None:
                 actor = self._ray.remote(Board).options(num_cpus=0, max_restarts=0)
                 self._board = actor.remote()
             if self._thread is None:
@@ -220,6 +222,10 @@ class RayRunner:
             # after this turn's ``now``, and a grace of 0 must not send the unforced
             # cancel that would make Ray drop the forced one.
             over = grace is not None and time.monotonic() >= grace
+            if run.running and not run.marked:
+                run.marked = True  # for the tasks' own threads (see _ray_task)
+                with contextlib.suppress(Exception):
+                    self._board.end.remote(run.key)
             for running in run.running:
                 if not running.told:
                     running.told = True
@@ -351,7 +357,7 @@ class RayRunner:
 
     def _forget(self, batch: Batch) -> None:
         run: _BatchRun = batch.runner_state
-        if run.memory_limit is not None and self._board is not None:
+        if (run.marked or run.memory_limit is not None) and self._board is not None:
             with contextlib.suppress(Exception):
                 self._board.forget.remote(run.key)
 

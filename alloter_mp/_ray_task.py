@@ -1,4 +1,4 @@
-"""What runs inside a Ray worker: one task of a batch, and the board of memory kills.
+"""What runs inside a Ray worker: one task of a batch, and the board its batches share.
 
 A task travels to Ray as the same bytes a pool worker would get, and comes back as
 the same ``(code, body, wall, cpu, peak)`` a pool worker reports (plus the Ray
@@ -7,16 +7,20 @@ worker's pid), so the driver settles it with the same code.
 The in-task API answers for a Ray task too:
 
 * ``cancelled()``: when a batch ends, the driver cancels its Ray tasks without
-  force. Ray then marks the task cancelled (``is_canceled()`` of its runtime
-  context) and interrupts the worker's main thread as if by SIGINT; while a task
-  runs, SIGINT only sets the task's flag, so the task is told, not broken, and
-  gets ``cancel_grace`` seconds to return before the driver cancels with force.
+  force. Ray marks the task cancelled (``is_canceled()`` of the runtime context,
+  visible to the task's main thread only) and interrupts the main thread as if by
+  SIGINT; while a task runs, SIGINT only sets the task's flag, so the task is told,
+  not broken, and gets ``cancel_grace`` seconds to return before the driver cancels
+  with force. A *thread* of the task cannot see Ray's mark, and the main thread
+  may be blocked where the interruption cannot run (in ``join()``, say), so a
+  question from another thread goes to the alloter's :class:`Board` (a small Ray
+  actor the driver also tells): on the spot the first time, then through a flag a
+  poller refreshes every :data:`POLL_SECONDS`.
 * ``time_left()`` reads the batch's deadline, sent as wall-clock time and put back
   on this machine's monotonic clock.
 * With a ``memory_limit``, a thread samples the worker's resident memory; past the
-  limit it records the peak on the alloter's :class:`Board` (a small Ray actor) and
-  kills the worker and its children, so the driver can tell a memory kill from a
-  crash.
+  limit it records the peak on the board and kills the worker and its children, so
+  the driver can tell a memory kill from a crash.
 """
 
 from __future__ import annotations
@@ -33,26 +37,36 @@ from . import _transport
 from ._measure import PeakMeter
 from ._worker import execute, foreign_task
 
-__all__ = ["Board", "run_task"]
+__all__ = ["POLL_SECONDS", "Board", "run_task"]
 
+# How stale the view of a task's other threads on its batch's end may be.
+POLL_SECONDS = 0.05
 # How often a Ray task's resident memory is sampled under a memory limit.
 MEMORY_SAMPLE_SECONDS = 0.01
-# How long a task waits for the board before it kills itself anyway.
+# How long a task waits for an answer of the board.
 _BOARD_TIMEOUT = 5.0
 
 _meter: PeakMeter | None = None
 
 
 class Board:
-    """Memory kills of an alloter's Ray tasks, so the driver can tell them from crashes.
+    """What an alloter's Ray tasks share: ended batches and memory kills.
 
-    It runs as a Ray actor (no CPU of its own), made only for alloters with a
-    memory limit: a task's guard writes before it kills its worker, the driver reads
-    when the worker's death reaches it.
+    It runs as a Ray actor of the alloter, with no CPU of its own; the driver and
+    the tasks' memory guards write, the tasks and the driver read.
     """
 
     def __init__(self) -> None:
+        self._ended: set[int] = set()
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def end(self, key: int) -> None:
+        """Batch ``key`` has ended: its running tasks should stop."""
+        self._ended.add(key)
+
+    def ended(self, key: int) -> bool:
+        """Whether batch ``key`` has ended."""
+        return key in self._ended
 
     def over_memory(self, key: int, index: int, peak: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` passed the memory limit (its worker dies next)."""
@@ -64,6 +78,7 @@ class Board:
 
     def forget(self, key: int) -> None:
         """Batch ``key`` is settled: drop what is known of it."""
+        self._ended.discard(key)
         for k in [k for k in self._kills if k[0] == key]:
             del self._kills[k]
 
@@ -93,7 +108,7 @@ def run_task(
     deadline = None
     if deadline_wall is not None:
         deadline = time.monotonic() + (deadline_wall - time.time())
-    probe = _Probe()
+    probe = _Probe(board, key)
     guard = None
     if memory_limit is not None:
         guard = _MemoryGuard(memory_limit, board, key, index)
@@ -124,32 +139,68 @@ def _adopt_paths(paths: tuple[str, ...]) -> None:
 class _Probe:
     """``cancelled()`` for a Ray task; while installed, SIGINT only sets its flag."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: Any, key: int) -> None:
+        self._board = board
+        self._key = key
         self._cancelled = False
         self._previous: Any = None
         self._context: Any = None
+        self._main = threading.main_thread()
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     def install(self) -> None:
         import ray
 
         self._context = ray.get_runtime_context()
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is self._main:
             self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         self._cancelled = True
 
     def __call__(self) -> bool:
-        if not self._cancelled and self._context is not None:
+        if self._cancelled:
+            return True
+        if threading.current_thread() is self._main:
             # Ray's own mark, in case its interruption has not reached Python yet.
             with contextlib.suppress(Exception):
                 self._cancelled = bool(self._context.is_canceled())
+            return self._cancelled
+        with self._lock:
+            if self._poller is None and not self._stop.is_set():
+                self._cancelled = self._ask()
+                if not self._cancelled:
+                    self._poller = threading.Thread(
+                        target=self._poll, name="alloter_mp-cancel-poll", daemon=True
+                    )
+                    self._poller.start()
         return self._cancelled
+
+    def _ask(self) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self._board.ended.remote(self._key), timeout=_BOARD_TIMEOUT))
+        except Exception:
+            return False  # the board is unreachable: the driver still ends the task by force
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            if self._ask():
+                self._cancelled = True
+                return
 
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        with self._lock:
+            self._stop.set()
+            poller = self._poller
+        if poller is not None:
+            poller.join()
 
 
 class _MemoryGuard:

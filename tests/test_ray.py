@@ -107,6 +107,20 @@ def cooperative(path: str) -> str:
     return "told"
 
 
+def cooperative_in_thread(path: str) -> str:
+    """``cooperative`` in a thread of the task while its main thread waits in join()."""
+    out: list[str] = []
+    thread = threading.Thread(target=lambda: out.append(cooperative(path)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def cooperative_ignoring_sigint(path: str) -> str:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as some worker code does
+    return cooperative(path)
+
+
 def record(path: str, seconds: float) -> int:
     start = time.time()
     time.sleep(seconds)
@@ -261,6 +275,21 @@ def test_running_sibling_is_told_through_cancelled(ray_session: Any, tmp_path: P
     assert report.tasks[0].result == "told"
     told_after = float(seen.read_text()) - float(raised.read_text())
     assert 0 <= told_after < BOUND + SLACK, told_after
+
+
+@pytest.mark.parametrize("task", [cooperative_in_thread, cooperative_ignoring_sigint])
+def test_cancelled_is_seen_where_rays_interruption_is_not(
+    ray_session: Any, tmp_path: Path, task: Any
+) -> None:
+    # In a thread of the task (its main thread blocked in join(), where Ray's
+    # interruption cannot run), or in a task that ignores SIGINT, the task must
+    # still be told.
+    seen, raised = tmp_path / "seen", tmp_path / "raised"
+    with RayAlloter(2, cancel_grace=5.0) as a:
+        report = a.exec_report(partial(task, str(seen)), partial(raise_at, str(raised), 0.3))
+    assert [t.status for t in report.tasks] == ["cancelled", "error"]
+    assert report.tasks[0].result == "told"
+    assert float(seen.read_text()) - float(raised.read_text()) < BOUND + SLACK
 
 
 def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_path: Path) -> None:
