@@ -46,6 +46,27 @@ SLACK = 1.5
 MiB = 1024 * 1024
 
 
+def _ray_workers_running_our_tasks() -> list[psutil.Process]:
+    # Ray titles a worker "ray::<function>" while it runs a task, "ray::IDLE" after.
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::run_task"):
+            out.append(proc)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_task_left_running() -> Iterator[None]:
+    """After each test, every task it handed to Ray has ended (returned or killed)."""
+    yield
+    end = time.monotonic() + 10
+    while _ray_workers_running_our_tasks() and time.monotonic() < end:
+        time.sleep(0.05)
+    left = _ray_workers_running_our_tasks()
+    assert not left, f"Ray workers still running tasks: {[p.pid for p in left]}"
+
+
 @pytest.fixture
 def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
     a = RayAlloter(2, cancel_grace=0.3)
@@ -87,6 +108,11 @@ def spin(pidfile: str) -> None:
     Path(pidfile).write_text(str(os.getpid()))
     while True:
         pass
+
+
+def spin_ignoring_sigterm(pidfile: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spin(pidfile)
 
 
 def spin_with_child(pidfile: str) -> None:
@@ -265,6 +291,14 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
     (pid,) = _read_pid(pidfile)
     # The spinning sibling ignores cancelled(): it is force-cancelled after the grace.
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK + 5), "spinning sibling still alive"
+
+
+def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with pytest.raises(TaskError):
+        ralloter.exec(partial(sleep_then_raise, 0.3), partial(spin_ignoring_sigterm, str(pidfile)))
+    (pid,) = _read_pid(pidfile)
+    assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
 
 
 def test_running_sibling_is_told_through_cancelled(ray_session: Any, tmp_path: Path) -> None:
@@ -524,3 +558,30 @@ def test_close_shuts_down_only_a_ray_it_started(ray_session: Any, tmp_path: Path
     )
     assert out.returncode == 0, out.stderr
     assert "left 0 []" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("call", ["exec", "exec_report", "imap"])
+def test_ctrl_c_in_the_caller_ends_the_ray_tasks(
+    ray_session: Any, tmp_path: Path, call: str
+) -> None:
+    import _thread
+
+    pidfile = tmp_path / "pid"
+    task = partial(spin, str(pidfile))
+    with RayAlloter(1, cancel_grace=0.1) as a:
+        timer = threading.Timer(1.0, _thread.interrupt_main)  # as if Ctrl-C
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "imap":
+                    list(a.imap(lambda _: task(), [0], chunksize=1))
+                else:
+                    getattr(a, call)(task)
+        finally:
+            timer.cancel()
+            timer.join()
+        assert time.monotonic() - started < 1.0 + BOUND + SLACK
+        (pid,) = _read_pid(pidfile)
+        assert pid_gone(pid, timeout=0.1 + BOUND + SLACK)
+        assert a.exec(lambda: 3) == [3]
