@@ -10,6 +10,9 @@ never imports it, and this module imports it only when an alloter is made.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from ._batch import Batch
@@ -32,7 +35,7 @@ class RayAlloter(BatchAlloter):
     Nothing is retried.
 
     ``address=None`` joins the Ray already initialised in this process, or else
-    starts a local one; ``"auto"`` or ``"ray://host:port"`` joins a cluster (a Ray
+    starts a local one (no dashboard, listening on the loopback address only); ``"auto"`` or ``"ray://host:port"`` joins a cluster (a Ray
     already initialised in this process is used as it is).
     :meth:`close` shuts down only a Ray this alloter started (or connected to) itself.
     ``limit`` bounds this alloter's tasks in flight on the cluster, all calls
@@ -71,10 +74,10 @@ class RayAlloter(BatchAlloter):
         ray = import_ray()
         self._owns_ray = False
         if not ray.is_initialized():
-            init: dict[str, Any] = {"address": address}
             if address is None:
-                init.update(include_dashboard=False, log_to_driver=True)
-            ray.init(**init)
+                _start_local_ray(ray)
+            else:
+                ray.init(address=address)
             self._owns_ray = True
         self._ray = ray
         if not limit:
@@ -102,3 +105,34 @@ class RayAlloter(BatchAlloter):
             f"<{type(self).__name__} limit={self._limit} timeout={self._timeout} "
             f"num_cpus={self._num_cpus}>"
         )
+
+
+def _start_local_ray(ray: Any) -> None:
+    """Start a local Ray with no dashboard, listening on the loopback address only.
+
+    Ray turns a node address of 127.0.0.1 into the machine's outbound address unless
+    its "cluster" setting is off; that setting is read from the environment when Ray
+    is imported, so it is turned off here for the start (and in the environment the
+    Ray processes inherit) when the program has not chosen otherwise.
+    """
+    with _ray_cluster_setting(ray, enabled=False):
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+@contextlib.contextmanager
+def _ray_cluster_setting(ray: Any, *, enabled: bool) -> Iterator[None]:
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    if name in os.environ:  # the program chose: leave it be
+        yield
+        return
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[name] = "1" if enabled else "0"
+    if saved is not None:
+        constants.ENABLE_RAY_CLUSTER = enabled  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        del os.environ[name]
+        if saved is not None:
+            constants.ENABLE_RAY_CLUSTER = saved  # type: ignore[union-attr]

@@ -26,6 +26,10 @@ and checks:
   no descendants; the alloter still runs a batch correctly; after ``close()`` no
   process is left and the open file descriptors are back to their baseline.
 
+The runner is a parameter (:class:`Target`): this module checks
+``ProcessAlloter``; ``test_model_ray.py`` runs the same scenarios and checks on
+``RayAlloter``, adapting only what its contract says differs there.
+
 Reproducing: the test is derandomized (same examples on every run) unless
 ``ALLOTER_MODEL_SEED`` is set; ``ALLOTER_MODEL_EXAMPLES`` sets the number of
 examples (default 200) and ``ALLOTER_MODEL_SHRINK=1`` turns on shrinking (slow:
@@ -45,7 +49,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import _faults as F
 import pytest
@@ -62,6 +66,9 @@ from alloter_mp import (
     TaskError,
     WorkerCrashed,
 )
+
+if TYPE_CHECKING:
+    from alloter_mp._calls import BatchAlloter
 
 # Hypothesis imports libcst to print a patch for a failing example; libcst triggers a
 # DeprecationWarning (mypy_extensions), which the strict warning filter turns into an
@@ -139,13 +146,13 @@ class Scenario:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> Scenario:
+def scenarios(draw: st.DrawFn, memory_limit: int = MEMORY_LIMIT) -> Scenario:
     memory = draw(st.booleans())
     sc = Scenario(
         limit=draw(st.sampled_from([1, 2, 3, 5])),
         timeout=draw(st.sampled_from([None, 0.4, 0.8, 1.5])),
         grace=draw(st.sampled_from([0.0, 0.05, 0.25])),
-        memory_limit=MEMORY_LIMIT if memory else None,
+        memory_limit=memory_limit if memory else None,
         ctx_mode=draw(
             st.sampled_from(
                 [
@@ -171,23 +178,89 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 # -- bookkeeping for the whole run -------------------------------------------------------
 
 
-class _Run:
-    examples = 0
+@dataclass
+class RunStats:
+    examples: int = 0
     first_failure: int | None = None
     fd_baseline: int | None = None
-    worst_late = 0.0
-    outcomes: ClassVar[Counter[str]] = Counter()
-    sizes: ClassVar[Counter[str]] = Counter()
+    worst_late: float = 0.0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    sizes: Counter[str] = field(default_factory=Counter)
 
 
-def _fd_baseline() -> int:
-    if _Run.fd_baseline is None:
-        # Warm up: the fork server, the resource tracker and lazily opened files.
+# -- the runner under test --------------------------------------------------------------
+
+
+class Target:
+    """The runner under test and what its contract says: here ``ProcessAlloter``.
+
+    A subclass (``test_model_ray.RayTarget``) overrides what differs on another runner;
+    the scenarios and every check are shared.
+    """
+
+    name = "process"
+    memory_limit = MEMORY_LIMIT
+    late = LATE  # how late ExecTimeout / Cancelled / a decision may come
+    kill_slack = KILL_SLACK  # how long after the grace a killed worker may still live
+    # An instant failure among the tasks that start at once must raise a TaskError
+    # within ``fast_return`` s when no deadline comes before ``fast_end`` s.
+    fast_end = 1.0
+    fast_return = 0.9
+    # A batch of benign tasks must succeed when no deadline comes before twice its
+    # ideal time plus ``spare`` s.
+    spare = 0.5
+    per_task = 0.0  # and plus this much per task
+
+    def __init__(self) -> None:
+        self.run = RunStats()
+
+    def make(self, sc: Scenario) -> BatchAlloter:
+        return ProcessAlloter(
+            sc.limit, timeout=sc.timeout, cancel_grace=sc.grace, memory_limit=sc.memory_limit
+        )
+
+    def at_once(self, limit: int) -> int:
+        """How many of a batch's tasks really run at once."""
+        return limit
+
+    def expected_exitcode(self, fault: Fault) -> int | None:
+        return F.expected_exitcode(fault)
+
+    def warm_up(self) -> None:
+        """Start what lives as long as the program (fork server, resource tracker...)."""
         with ProcessAlloter(2) as a:
             a.exec(lambda: 1, lambda: 2)
+
+    def check_processes(self, sc: Scenario, a: Any, wait: float) -> None:
+        """After the batch: the only processes left are the alloter's live workers."""
+
+        def only_workers() -> bool:
+            workers = {s.pid for s in a.stats()}
+            procs = F.live_descendants()
+            return {p.pid for p in procs} == workers and len(workers) <= sc.limit
+
+        assert _wait_for(only_workers, wait), (
+            f"processes {[(p.pid, p.cmdline()) for p in F.live_descendants()]} "
+            f"but live workers {[s.pid for s in a.stats()]}"
+        )
+
+    def check_fds(self, baseline: int) -> None:
+        """After ``close()``: the open file descriptors are back to their baseline."""
+        assert _wait_for(lambda: F.open_fds() <= baseline, 2.0), (
+            f"open fds {F.open_fds()} after close(), baseline {baseline}"
+        )
+
+
+PROCESS = Target()
+
+
+def _fd_baseline(target: Target) -> int:
+    if target.run.fd_baseline is None:
+        # Warm up: the fork server, the resource tracker and lazily opened files.
+        target.warm_up()
         _wait_for(lambda: not F.live_descendants(), 5.0)
-        _Run.fd_baseline = F.open_fds()
-    return _Run.fd_baseline
+        target.run.fd_baseline = F.open_fds()
+    return target.run.fd_baseline
 
 
 def _wait_for(condition: Any, timeout: float, step: float = 0.02) -> bool:
@@ -213,7 +286,7 @@ class Observed:
     cancel_at: float | None  # relative to the call's start
 
 
-def _run_batch(a: ProcessAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
+def _run_batch(a: BatchAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
     ctx: Context | None = None
     parent: Context | None = None
     timer: threading.Timer | None = None
@@ -266,7 +339,7 @@ def _run_batch(a: ProcessAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
     return Observed(outcome, results, report, elapsed, deadline, cancel_at)
 
 
-def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
+def _check_outcome(sc: Scenario, obs: Observed, d: str, target: Target) -> None:
     kinds = [f.kind for f in sc.faults]
     started = F.started(d)
     failing = any(k in F.FAILING for k in kinds)
@@ -275,6 +348,7 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
     deadline, cancel_at, elapsed = obs.deadline, obs.cancel_at, obs.elapsed
     # exec returns at the decision; exec_report waits until every task has ended.
     timed = sc.entry == "exec"
+    late_ok = target.late
 
     if sc.ctx_mode == "pre_cancelled" and sc.faults:
         assert isinstance(out, Cancelled), f"a cancelled context must raise Cancelled, got {out!r}"
@@ -286,7 +360,7 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
         expected = [f.expected_result(i) for i, f in enumerate(sc.faults)]
         assert obs.results == expected, "results are not the tasks' results in task order"
         if deadline is not None and timed:
-            assert elapsed < deadline + LATE, "returned results long after the deadline"
+            assert elapsed < deadline + late_ok, "returned results long after the deadline"
         return
 
     if isinstance(out, TaskError):
@@ -297,7 +371,7 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
         assert i in started, f"TaskError names task {i}, which never started"
         if fault.kind in F.CRASHING:
             assert isinstance(out, WorkerCrashed), f"a {fault.kind} must be WorkerCrashed: {out!r}"
-            assert out.exitcode == F.expected_exitcode(fault), (
+            assert out.exitcode == target.expected_exitcode(fault), (
                 f"exitcode {out.exitcode} for a {fault.kind}"
             )
             if fault.kind == F.MEMORY:
@@ -313,9 +387,9 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
             else:  # unpicklable result
                 assert "pickle" in str(out).lower(), str(out)
         if deadline is not None and timed:
-            assert elapsed < deadline + LATE, "TaskError came long after the deadline"
+            assert elapsed < deadline + late_ok, "TaskError came long after the deadline"
         if cancel_at is not None and timed:
-            assert elapsed < cancel_at + LATE, "TaskError came long after the cancellation"
+            assert elapsed < cancel_at + late_ok, "TaskError came long after the cancellation"
         return
 
     if isinstance(out, ExecTimeout):
@@ -323,10 +397,10 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
         assert elapsed >= deadline - 0.002, f"ExecTimeout after {elapsed:.3f}s, deadline {deadline}"
         late = elapsed - deadline
         if timed:
-            _Run.worst_late = max(_Run.worst_late, late)
-            assert late < LATE, f"ExecTimeout {late:.3f}s after the deadline"
+            target.run.worst_late = max(target.run.worst_late, late)
+            assert late < late_ok, f"ExecTimeout {late:.3f}s after the deadline"
         if cancel_at is not None:
-            assert cancel_at + LATE > deadline, "the earlier cancellation should have won"
+            assert cancel_at + late_ok > deadline, "the earlier cancellation should have won"
         return
 
     if isinstance(out, Cancelled):
@@ -334,16 +408,16 @@ def _check_outcome(sc: Scenario, obs: Observed, d: str) -> None:
         assert elapsed >= cancel_at - 0.002, f"Cancelled after {elapsed:.3f}s, before the cancel"
         late = elapsed - cancel_at
         if timed:
-            _Run.worst_late = max(_Run.worst_late, late)
-            assert late < LATE, f"Cancelled {late:.3f}s after ctx.cancel()"
+            target.run.worst_late = max(target.run.worst_late, late)
+            assert late < late_ok, f"Cancelled {late:.3f}s after ctx.cancel()"
         if deadline is not None:
-            assert deadline + LATE > cancel_at, "the earlier deadline should have won"
+            assert deadline + late_ok > cancel_at, "the earlier deadline should have won"
         return
 
     raise AssertionError(f"unexpected outcome {out!r}")
 
 
-def _check_forced(sc: Scenario, obs: Observed) -> None:
+def _check_forced(sc: Scenario, obs: Observed, target: Target) -> None:
     """Where the model can tell the outcome for sure, it must be that one."""
     kinds = [f.kind for f in sc.faults]
     ends_at = [t for t in (obs.deadline, obs.cancel_at) if t is not None]
@@ -353,18 +427,23 @@ def _check_forced(sc: Scenario, obs: Observed) -> None:
     if not any(k in F.FAILING or k in F.HANGING for k in kinds):
         sleeps = sum(f.param for f in sc.faults if f.kind == F.SLEEP)
         budget = 2 * (
-            sleeps / sc.limit + max([f.param for f in sc.faults if f.kind == F.SLEEP] or [0])
+            sleeps / target.at_once(sc.limit)
+            + max([f.param for f in sc.faults if f.kind == F.SLEEP] or [0])
         )
-        if first_end is None or first_end > budget + 0.5:
+        budget += target.spare + target.per_task * len(sc.faults)
+        if first_end is None or first_end > budget:
             assert obs.outcome is None, f"benign batch with time to spare failed: {obs.outcome!r}"
     instant = {F.RAISE, F.SEGFAULT, F.EXIT, F.SIGKILL_SELF, F.UNPICKLABLE}
-    if any(k in instant for k in kinds[: sc.limit]) and (first_end is None or first_end >= 1.0):
+    first = target.at_once(sc.limit)
+    if any(k in instant for k in kinds[:first]) and (
+        first_end is None or first_end >= target.fast_end
+    ):
         assert isinstance(obs.outcome, TaskError), (
-            f"an instant failure among the first {sc.limit} tasks must be a fast TaskError, "
+            f"an instant failure among the first {first} tasks must be a fast TaskError, "
             f"got {obs.outcome!r} after {obs.elapsed:.3f}s"
         )
         if sc.entry == "exec":
-            assert obs.elapsed < 0.9, f"fast return took {obs.elapsed:.3f}s"
+            assert obs.elapsed < target.fast_return, f"fast return took {obs.elapsed:.3f}s"
 
 
 def _check_report(sc: Scenario, obs: Observed, d: str) -> None:
@@ -392,9 +471,9 @@ def _check_report(sc: Scenario, obs: Observed, d: str) -> None:
             assert t.status in ("timeout", "cancelled"), where
 
 
-def _check_cleanup(sc: Scenario, obs: Observed, a: ProcessAlloter, d: str) -> None:
+def _check_cleanup(sc: Scenario, obs: Observed, a: BatchAlloter, d: str, target: Target) -> None:
     started = F.started(d)
-    wait = sc.grace + KILL_SLACK
+    wait = sc.grace + target.kill_slack
     # Every task that ignores cancelled() and never returns had its worker killed.
     must_die = [
         (pid, None)
@@ -414,19 +493,10 @@ def _check_cleanup(sc: Scenario, obs: Observed, a: ProcessAlloter, d: str) -> No
             f"cooperative tasks {sorted(coop - F.saw_cancel(d))} never saw cancelled()"
         )
 
-    # The only processes left are the alloter's live workers, with no children.
-    def only_workers() -> bool:
-        workers = {s.pid for s in a.stats()}
-        procs = F.live_descendants()
-        return {p.pid for p in procs} == workers and len(workers) <= sc.limit
-
-    assert _wait_for(only_workers, wait), (
-        f"processes {[(p.pid, p.cmdline()) for p in F.live_descendants()]} "
-        f"but live workers {[s.pid for s in a.stats()]}"
-    )
+    target.check_processes(sc, a, wait)
 
 
-def _check_usable(a: ProcessAlloter, sc: Scenario) -> None:
+def _check_usable(a: BatchAlloter, sc: Scenario) -> None:
     tasks = [lambda i=i: i * i for i in range(2 * sc.limit + 1)]
     got = a.exec_with_context(Context(timeout=15.0), *tasks)
     assert got == [i * i for i in range(len(tasks))], "the alloter gives wrong results afterwards"
@@ -439,19 +509,15 @@ def _cleanup_leftovers(d: str) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def run_scenario(sc: Scenario) -> None:
-    baseline = _fd_baseline()
-    _Run.examples += 1
-    note(f"example #{_Run.examples}: {sc.short()}")
+def run_scenario(sc: Scenario, target: Target = PROCESS) -> None:
+    run = target.run
+    baseline = _fd_baseline(target)
+    run.examples += 1
+    note(f"{target.name} example #{run.examples}: {sc.short()}")
     d = tempfile.mkdtemp(prefix="alloter-model-")
     tasks = [F.make_task(f, i, d) for i, f in enumerate(sc.faults)]
     try:
-        a = ProcessAlloter(
-            sc.limit,
-            timeout=sc.timeout,
-            cancel_grace=sc.grace,
-            memory_limit=sc.memory_limit,
-        )
+        a = target.make(sc)
         try:
             obs = _run_batch(a, sc, tasks)
             note(
@@ -460,12 +526,12 @@ def run_scenario(sc: Scenario) -> None:
             )
             if obs.report is not None:
                 note(f"statuses {[t.status for t in obs.report.tasks]}")
-            _Run.outcomes[type(obs.outcome).__name__ if obs.outcome else "results"] += 1
-            _Run.sizes[f"{len(sc.faults) // 10 * 10}+"] += 1
-            _check_outcome(sc, obs, d)
-            _check_forced(sc, obs)
+            run.outcomes[type(obs.outcome).__name__ if obs.outcome else "results"] += 1
+            run.sizes[f"{len(sc.faults) // 10 * 10}+"] += 1
+            _check_outcome(sc, obs, d, target)
+            _check_forced(sc, obs, target)
             _check_report(sc, obs, d)
-            _check_cleanup(sc, obs, a, d)
+            _check_cleanup(sc, obs, a, d, target)
             _check_usable(a, sc)
         except BaseException:
             _cleanup_leftovers(d)  # so that close() cannot hang on what a bug left running
@@ -475,13 +541,13 @@ def run_scenario(sc: Scenario) -> None:
         assert _wait_for(lambda: not F.live_descendants(), 5.0), (
             f"processes left after close(): {[p.pid for p in F.live_descendants()]}"
         )
-        assert _wait_for(lambda: F.open_fds() <= baseline, 2.0), (
-            f"open fds {F.open_fds()} after close(), baseline {baseline}"
-        )
+        target.check_fds(baseline)
     except BaseException:
-        if _Run.first_failure is None:
-            _Run.first_failure = _Run.examples
-            print(f"\n[model] first failure at example #{_Run.examples}", file=sys.stderr)
+        if run.first_failure is None:
+            run.first_failure = run.examples
+            print(
+                f"\n[model] first failure at {target.name} example #{run.examples}", file=sys.stderr
+            )
         raise
     finally:
         _cleanup_leftovers(d)
@@ -512,11 +578,17 @@ if SEED is not None:
     )
 
 
+def print_summary(target: Target) -> None:
+    run = target.run
+    print(
+        f"\n[model] {target.name}: examples run: {run.examples}, first failure: "
+        f"{run.first_failure}, worst lateness of ExecTimeout/Cancelled: "
+        f"{run.worst_late * 1000:.1f} ms\n"
+        f"[model] outcomes {dict(run.outcomes)}; batch sizes {dict(run.sizes)}"
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _summary() -> Any:
     yield
-    print(
-        f"\n[model] examples run: {_Run.examples}, first failure: {_Run.first_failure}, "
-        f"worst lateness of ExecTimeout/Cancelled: {_Run.worst_late * 1000:.1f} ms\n"
-        f"[model] outcomes {dict(_Run.outcomes)}; batch sizes {dict(_Run.sizes)}"
-    )
+    print_summary(PROCESS)

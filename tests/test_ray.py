@@ -486,12 +486,14 @@ def test_progress_bar(ray_session: Any, capfd: pytest.CaptureFixture[str]) -> No
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # The session fixture's Ray settings are left out: the child decides for itself.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **env},
+        env={**base, **env},
     )
 
 
@@ -548,12 +550,19 @@ def test_close_shuts_down_only_a_ray_it_started(ray_session: Any, tmp_path: Path
         with RayAlloter(1, timeout=60) as a:
             assert a.exec(lambda: 41 + 1) == [42]
             assert ray.is_initialized()
+            # The Ray it started listens on the loopback address only.
+            addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+            assert addresses == {"127.0.0.1"}, addresses
+            listening = {
+                c.laddr.ip for p in psutil.Process().children(recursive=True)
+                for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            }
+            assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
         assert not ray.is_initialized()
         left = [p for p in psutil.Process().children(recursive=True) if p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
         print("left", len(left), [p.name() for p in left])
         """,
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_AUTH_MODE="disabled",
     )
     assert out.returncode == 0, out.stderr
