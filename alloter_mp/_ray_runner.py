@@ -32,7 +32,7 @@ from collections import deque
 from typing import Any
 
 from ._batch import Batch, Slot, report_outcome
-from ._errors import AlloterError, MemoryLimitExceeded, TaskError, WorkerCrashed
+from ._errors import AlloterError, Cancelled, MemoryLimitExceeded, TaskError, WorkerCrashed
 from ._ray_task import Board, run_task
 
 __all__ = ["RayRunner", "import_ray"]
@@ -183,7 +183,7 @@ class RayRunner:
             now = time.monotonic()
             if closing:
                 for batch in self._batches:
-                    batch.cancel(AlloterError("the alloter was closed"))
+                    batch.cancel(Cancelled("the alloter was closed"))
             self._handle_endings(now)
             self._dispatch()
             self._forget_settled()

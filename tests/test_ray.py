@@ -594,3 +594,16 @@ def test_ctrl_c_in_the_caller_ends_the_ray_tasks(
         (pid,) = _read_pid(pidfile)
         assert pid_gone(pid, timeout=0.1 + BOUND + SLACK)
         assert a.exec(lambda: 3) == [3]
+
+
+def test_close_ends_a_running_call_and_later_calls_fail(ray_session: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    a = RayAlloter(1, cancel_grace=0.1)
+    threading.Timer(1.0, a.close).start()
+    with pytest.raises(Cancelled, match="closed"):
+        a.exec(partial(spin, str(pidfile)))
+    (pid,) = _read_pid(pidfile)
+    assert pid_gone(pid, timeout=0.1 + BOUND + SLACK)
+    a.close()  # again: nothing happens
+    with pytest.raises(alloter_mp.AlloterError, match="closed"):
+        a.exec(lambda: 1)
