@@ -314,36 +314,42 @@ class RayRunner:
 
     def _settle_failure(self, running: _Running, exc: BaseException) -> None:
         batch, slot = running.batch, running.slot
+        run: _BatchRun = batch.runner_state
+        slot.wall_s = time.monotonic() - slot.started  # from the hand-over: Ray's queue too
+        slot.pid = self._ask_board("pid_of", run.key, slot.index)
         if running.told or running.killed_at is not None:
             batch.task_killed(slot)
             return
-        run: _BatchRun = batch.runner_state
         if run.memory_limit is not None:
-            kill = self._memory_kill(run.key, slot.index)
+            kill = self._ask_board("memory_kill", run.key, slot.index)
             if kill is not None:
-                peak, pid = kill
+                peak, pid = int(kill[0]), int(kill[1])
                 slot.peak_rss, slot.pid = peak, pid
                 error: TaskError = MemoryLimitExceeded(
                     slot.base, run.memory_limit, peak, pid, exitcode=-9
                 )
                 batch.task_failed(slot, error, crashed=True)
                 return
-        ray_exc = self._ray.exceptions
-        if isinstance(exc, ray_exc.RayTaskError):
+        if isinstance(exc, self._ray.exceptions.RayTaskError):
             # run_task itself failed (it catches all the task does): say what Ray said.
             error = TaskError(slot.base, str(exc), getattr(exc, "traceback_str", ""))
             error.__cause__ = exc
             batch.task_failed(slot, error)
             return
         message = f"its Ray worker died: {type(exc).__name__}: {_first_line(exc)}"
-        batch.task_failed(slot, WorkerCrashed(slot.base, None, message=message), crashed=True)
+        if slot.pid is not None:
+            message = f"its Ray worker (process {slot.pid}) died: {type(exc).__name__}"
+            message += f": {_first_line(exc)}"
+        error = WorkerCrashed(slot.base, None, slot.pid, message=message)
+        batch.task_failed(slot, error, crashed=True)
 
-    def _memory_kill(self, key: int, index: int) -> tuple[int, int] | None:
+    def _ask_board(self, method: str, key: int, index: int) -> Any:
+        if self._board is None:
+            return None
         try:
-            found = self._ray.get(self._board.memory_kill.remote(key, index), timeout=5.0)
+            return self._ray.get(getattr(self._board, method).remote(key, index), timeout=5.0)
         except Exception:
             return None
-        return None if found is None else (int(found[0]), int(found[1]))
 
     def _forget_settled(self) -> None:
         while self._batches and self._batches[0].settled.is_set():
@@ -357,7 +363,7 @@ class RayRunner:
 
     def _forget(self, batch: Batch) -> None:
         run: _BatchRun = batch.runner_state
-        if (run.marked or run.memory_limit is not None) and self._board is not None:
+        if self._board is not None:
             with contextlib.suppress(Exception):
                 self._board.forget.remote(run.key)
 

@@ -50,15 +50,18 @@ _meter: PeakMeter | None = None
 
 
 class Board:
-    """What an alloter's Ray tasks share: ended batches and memory kills.
+    """What an alloter's Ray tasks share: ended batches, their workers, memory kills.
 
-    It runs as a Ray actor of the alloter, with no CPU of its own; the driver and
-    the tasks' memory guards write, the tasks and the driver read.
+    It runs as a Ray actor of the alloter, with no CPU of its own. The driver
+    writes which batches ended; each task writes its worker's pid as it starts (so
+    a task that is killed or dies is reported with its worker, as on the pool) and
+    its memory guard writes a kill. Tasks and the driver read.
     """
 
     def __init__(self) -> None:
         self._ended: set[int] = set()
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
+        self._pids: dict[tuple[int, int], int] = {}
 
     def end(self, key: int) -> None:
         """Batch ``key`` has ended: its running tasks should stop."""
@@ -67,6 +70,14 @@ class Board:
     def ended(self, key: int) -> bool:
         """Whether batch ``key`` has ended."""
         return key in self._ended
+
+    def started(self, key: int, index: int, pid: int) -> None:
+        """Task ``index`` of batch ``key`` runs in worker process ``pid``."""
+        self._pids[(key, index)] = pid
+
+    def pid_of(self, key: int, index: int) -> int | None:
+        """The worker process task ``index`` of batch ``key`` started in, if it did."""
+        return self._pids.pop((key, index), None)
 
     def over_memory(self, key: int, index: int, peak: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` passed the memory limit (its worker dies next)."""
@@ -79,8 +90,9 @@ class Board:
     def forget(self, key: int) -> None:
         """Batch ``key`` is settled: drop what is known of it."""
         self._ended.discard(key)
-        for k in [k for k in self._kills if k[0] == key]:
-            del self._kills[k]
+        for table in (self._kills, self._pids):
+            for k in [k for k in table if k[0] == key]:
+                del table[k]
 
 
 def run_task(
@@ -105,6 +117,7 @@ def run_task(
     if _meter is None:
         _meter = PeakMeter()
     _adopt_paths(paths)
+    board.started.remote(key, index, os.getpid())  # not waited for
     deadline = None
     if deadline_wall is not None:
         deadline = time.monotonic() + (deadline_wall - time.time())

@@ -166,15 +166,18 @@ def in_task_view() -> tuple[bool, float | None, int]:
     return alloter_mp.cancelled(), alloter_mp.time_left(), os.getpid()
 
 
-def exit_now() -> None:
+def exit_now(delay: float = 0.0) -> None:
+    time.sleep(delay)
     os._exit(3)
 
 
-def segfault() -> None:
+def segfault(delay: float = 0.0) -> None:
+    time.sleep(delay)
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def kill_self() -> None:
+def kill_self(delay: float = 0.0) -> None:
+    time.sleep(delay)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -295,10 +298,15 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
 
 def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    with pytest.raises(TaskError):
-        ralloter.exec(partial(sleep_then_raise, 0.3), partial(spin_ignoring_sigterm, str(pidfile)))
+    report = ralloter.exec_report(
+        partial(sleep_then_raise, 0.3), partial(spin_ignoring_sigterm, str(pidfile))
+    )
     (pid,) = _read_pid(pidfile)
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
+    killed = report.tasks[1]
+    assert killed.status == "cancelled"
+    assert killed.pid == pid  # the worker it ran in, though it never returned
+    assert killed.wall_s >= 0.3 + 0.3  # until the kill: the failure, then the grace
 
 
 def test_running_sibling_is_told_through_cancelled(ray_session: Any, tmp_path: Path) -> None:
@@ -342,13 +350,21 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
     json.dumps(report.to_dict())
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.3])
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
-def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any) -> None:
+def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), crash)
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
+    # The worker's pid, as the task told the board when it started: not waited for,
+    # so a task that dies at once may not have told it.
+    pid = info.value.pid
+    if delay:
+        assert pid is not None and pid != os.getpid()
+    if pid is not None:
+        assert pid_gone(pid, timeout=5.0)
     # Nothing is retried, and the alloter goes on.
     assert ralloter.exec(lambda: 5) == [5]
 
