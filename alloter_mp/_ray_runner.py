@@ -28,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from typing import Any
 
@@ -99,12 +100,15 @@ class RayRunner:
         self._in_flight: dict[Any, _Running] = {}  # ObjectRef -> _Running
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._broken: AlloterError | None = None  # the supervisor failed: no more calls
 
     # -- from callers --------------------------------------------------------------
 
     def submit(self, batch: Batch, memory_limit: int | None) -> None:
         """Start running ``batch``; its slots are all settled by this runner."""
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closed:
                 raise AlloterError("the alloter is closed")
             if self._board is None:
@@ -115,9 +119,9 @@ class RayRunner:
                     target=self._supervise, name="alloter_mp-ray", daemon=True
                 )
                 self._thread.start()
-        batch.runner_state = _BatchRun(batch.id, memory_limit)
-        batch.notify = self._wake
-        self._events.put(("batch", batch))
+            batch.runner_state = _BatchRun(batch.id, memory_limit)
+            batch.notify = self._wake
+            self._events.put(("batch", batch))
 
     def close(self) -> None:
         """End every batch, force-cancel what runs, stop the supervisor."""
@@ -142,13 +146,15 @@ class RayRunner:
             self._loop()
         except BaseException as exc:  # a bug here must not hang the callers
             error = AlloterError(f"the Ray supervisor failed: {exc!r}")
-            for batch in list(self._batches):
+            with self._lock:  # from now on submit() refuses: no batch can slip in
+                self._broken = error
+            for running in self._in_flight.values():
+                with contextlib.suppress(Exception):
+                    self._ray.cancel(running.ref, force=True)
+            traceback.print_exc(file=sys.stderr)
+            for batch in [*self._batches, *self._drain_new_batches()]:
                 batch.fail(error)
                 batch.abandon()
-            for batch in self._drain_new_batches():
-                batch.fail(error)
-                batch.abandon()
-            raise
 
     def _drain_new_batches(self) -> list[Batch]:
         found: list[Batch] = []

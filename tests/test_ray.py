@@ -623,3 +623,22 @@ def test_close_ends_a_running_call_and_later_calls_fail(ray_session: Any, tmp_pa
     a.close()  # again: nothing happens
     with pytest.raises(alloter_mp.AlloterError, match="closed"):
         a.exec(lambda: 1)
+
+
+def test_a_failing_supervisor_fails_calls_instead_of_hanging(
+    ray_session: Any, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from alloter_mp import _ray_runner
+
+    def broken(self: Any, ref: Any) -> None:
+        raise RuntimeError("supervisor bug")
+
+    monkeypatch.setattr(_ray_runner.RayRunner, "_settle", broken)
+    with RayAlloter(2, cancel_grace=0.1) as a:
+        report = a.exec_report(lambda: 1, partial(time.sleep, 0.5))
+        assert isinstance(report.outcome, alloter_mp.AlloterError)
+        assert "supervisor bug" in str(report.outcome)
+        assert all(t.status in ("cancelled", "skipped") for t in report.tasks)
+        with pytest.raises(alloter_mp.AlloterError, match="supervisor"):
+            a.exec(lambda: 1)
+    assert "supervisor bug" in capfd.readouterr().err
