@@ -43,6 +43,13 @@ __all__ = ["RayRunner", "import_ray"]
 FORCE_AGAIN = 0.1
 # A task force-cancelled this long ago whose object never resolved is settled anyway.
 KILL_GIVE_UP = 10.0
+# How many times a task whose worker died before the task started is handed again.
+HAND_AGAIN_MOST = 3
+# Ray may hand a new task to a worker that is dying after a forced cancel (the
+# driver reuses its lease on that worker): a task handed within this long of a
+# forced cancel in this process confirms its start before it runs (see run_task).
+CONFIRM_WINDOW = 2.0
+_last_force = [-CONFIRM_WINDOW]  # monotonic time of this process's latest forced cancel
 
 
 def import_ray() -> Any:
@@ -59,12 +66,27 @@ def import_ray() -> Any:
 class _Running:
     """One task handed to Ray."""
 
-    __slots__ = ("batch", "forced_at", "killed_at", "ref", "slot", "told")
+    __slots__ = (
+        "batch",
+        "confirm",
+        "forced_at",
+        "handed",
+        "killed_at",
+        "payload",
+        "ref",
+        "slot",
+        "told",
+    )
 
-    def __init__(self, batch: Batch, slot: Slot, ref: Any) -> None:
+    def __init__(
+        self, batch: Batch, slot: Slot, ref: Any, payload: bytes, handed: int, confirm: bool
+    ) -> None:
+        self.confirm = confirm  # the task confirms its start before it runs
         self.batch = batch
         self.slot = slot
         self.ref = ref
+        self.payload = payload  # kept until settled: it may have to be handed again
+        self.handed = handed  # how many times it was handed to Ray
         self.told = False  # cancelled without force: the batch ended
         self.killed_at: float | None = None  # first cancelled with force
         self.forced_at = 0.0  # last cancelled with force
@@ -252,7 +274,7 @@ class RayRunner:
                 running.batch.task_killed(running.slot)
 
     def _force(self, running: _Running, now: float) -> None:
-        running.forced_at = now
+        running.forced_at = _last_force[0] = now
         with contextlib.suppress(Exception):
             self._ray.cancel(running.ref, force=True)
 
@@ -271,14 +293,19 @@ class RayRunner:
             if not handed:
                 return
 
-    def _hand(self, batch: Batch, slot: Slot) -> None:
+    def _hand(
+        self, batch: Batch, slot: Slot, payload: bytes | None = None, handed: int = 0
+    ) -> None:
         run: _BatchRun = batch.runner_state
+        if payload is None:
+            payload, slot.payload = slot.payload, None
+        confirm = time.monotonic() - _last_force[0] < CONFIRM_WINDOW
         deadline_wall = None
         if batch.deadline is not None:
             deadline_wall = time.time() + (batch.deadline - time.monotonic())
         try:
             ref = self._remote.remote(
-                slot.payload,
+                payload,
                 run.key,
                 slot.index,
                 deadline_wall,
@@ -286,14 +313,14 @@ class RayRunner:
                 run.memory_limit,
                 self._board,
                 run.paths,
+                confirm,
             )
         except Exception as exc:
             batch.task_failed(
                 slot, WorkerCrashed(slot.base, None, message=f"Ray refused it: {exc}")
             )
             return
-        slot.payload = None  # Ray holds its own copy
-        running = _Running(batch, slot, ref)
+        running = _Running(batch, slot, ref, payload, handed + 1, confirm)
         self._in_flight[ref] = running
         run.running.add(running)
         put = self._events.put
@@ -309,6 +336,8 @@ class RayRunner:
         if running is None:
             return  # settled already (given up on after a kill)
         self._forget_running(running)
+        if running.killed_at is not None:
+            _last_force[0] = time.monotonic()  # the window counts from the kill's end too
         batch, slot = running.batch, running.slot
         try:
             code, body, wall, cpu, peak, pid = self._ray.get(ref)
@@ -322,9 +351,22 @@ class RayRunner:
         batch, slot = running.batch, running.slot
         run: _BatchRun = batch.runner_state
         slot.wall_s = time.monotonic() - slot.started  # from the hand-over: Ray's queue too
-        slot.pid = self._ask_board("pid_of", run.key, slot.index)
+        known, slot.pid = self._pid_of(run.key, slot.index)
         if running.told or running.killed_at is not None:
             batch.task_killed(slot)
+            return
+        ray_exc = self._ray.exceptions
+        if (
+            running.confirm
+            and known
+            and slot.pid is None
+            and isinstance(exc, ray_exc.WorkerCrashedError)
+            and running.handed < HAND_AGAIN_MOST
+            and not batch.ending
+        ):
+            # Its worker died before the task's code could run: Ray handed it to a
+            # worker that was dying after a forced cancel. Running it now is no retry.
+            self._hand(batch, slot, running.payload, running.handed)
             return
         if run.memory_limit is not None:
             kill = self._ask_board("memory_kill", run.key, slot.index)
@@ -336,7 +378,7 @@ class RayRunner:
                 )
                 batch.task_failed(slot, error, crashed=True)
                 return
-        if isinstance(exc, self._ray.exceptions.RayTaskError):
+        if isinstance(exc, ray_exc.RayTaskError):
             # run_task itself failed (it catches all the task does): say what Ray said.
             error = TaskError(slot.base, str(exc), getattr(exc, "traceback_str", ""))
             error.__cause__ = exc
@@ -356,6 +398,16 @@ class RayRunner:
             return self._ray.get(getattr(self._board, method).remote(key, index), timeout=5.0)
         except Exception:
             return None
+
+    def _pid_of(self, key: int, index: int) -> tuple[bool, int | None]:
+        """``(the board answered, the pid of the worker the task started in or None)``."""
+        if self._board is None:
+            return False, None
+        try:
+            pid = self._ray.get(self._board.pid_of.remote(key, index), timeout=5.0)
+        except Exception:
+            return False, None
+        return True, None if pid is None else int(pid)
 
     def _forget_settled(self) -> None:
         while self._batches and self._batches[0].settled.is_set():

@@ -54,8 +54,10 @@ class Board:
 
     It runs as a Ray actor of the alloter, with no CPU of its own. The driver
     writes which batches ended; each task writes its worker's pid as it starts (so
-    a task that is killed or dies is reported with its worker, as on the pool) and
-    its memory guard writes a kill. Tasks and the driver read.
+    a task that is killed or dies is reported with its worker, as on the pool; when
+    asked to, before its code runs, so that a task whose worker died before it
+    started is known never to have run) and its memory guard writes a kill. Tasks
+    and the driver read.
     """
 
     def __init__(self) -> None:
@@ -104,12 +106,14 @@ def run_task(
     memory_limit: int | None,
     board: Any,
     paths: tuple[str, ...],
+    confirm: bool,
 ) -> tuple[int, Any, float, float, int, int]:
     """The Ray remote function: run one pickled task, measured.
 
     ``paths`` is the driver's ``sys.path``: as in a pool worker, modules the driver
     imports by path (a test directory, a script's folder) import here too, where
-    those folders exist. Returns ``(code, body, wall, cpu, peak, pid)``; it never
+    those folders exist. With ``confirm`` the task waits until the board has its
+    worker's pid before it runs. Returns ``(code, body, wall, cpu, peak, pid)``; it never
     raises for what the task does, so an exception out of Ray means the worker or
     Ray itself failed.
     """
@@ -117,7 +121,15 @@ def run_task(
     if _meter is None:
         _meter = PeakMeter()
     _adopt_paths(paths)
-    board.started.remote(key, index, os.getpid())  # not waited for
+    notice = board.started.remote(key, index, os.getpid())
+    if confirm:
+        # Waited for: once the task's code may run, the board knows. A worker Ray
+        # hands a task while it is dying (after a forced cancel of its previous
+        # task) dies before this, and the driver, finding no pid, knows the task
+        # never ran. Waiting costs a few ms, so only tasks handed soon after a
+        # forced cancel do it.
+        with contextlib.suppress(Exception):
+            ray_get(notice, timeout=_BOARD_TIMEOUT)
     deadline = None
     if deadline_wall is not None:
         deadline = time.monotonic() + (deadline_wall - time.time())
@@ -137,6 +149,12 @@ def run_task(
 
 
 _adopted: tuple[str, ...] = ()
+
+
+def ray_get(ref: Any, timeout: float) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=timeout)
 
 
 def _adopt_paths(paths: tuple[str, ...]) -> None:

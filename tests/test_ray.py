@@ -642,3 +642,15 @@ def test_a_failing_supervisor_fails_calls_instead_of_hanging(
         with pytest.raises(alloter_mp.AlloterError, match="supervisor"):
             a.exec(lambda: 1)
     assert "supervisor bug" in capfd.readouterr().err
+
+
+def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path: Path) -> None:
+    # A task told to stop returns just as the forced cancel (no grace) kills its
+    # worker; Ray may then hand the next task to that dying worker, which dies before
+    # the task starts. That task never ran: it is handed again, not reported crashed.
+    for round_ in range(8):
+        with RayAlloter(2, cancel_grace=0.0) as a:
+            seen = tmp_path / f"seen{round_}"
+            report = a.exec_report(partial(cooperative, str(seen)), partial(sleep_then_raise, 0.3))
+            assert [t.status for t in report.tasks] == ["cancelled", "error"]
+            assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
