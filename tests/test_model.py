@@ -244,6 +244,14 @@ class Target:
             f"but live workers {[s.pid for s in a.stats()]}"
         )
 
+    def check_usable(self, a: Any, sc: Scenario) -> None:
+        """After the batch: the alloter still runs a batch correctly."""
+        tasks = [lambda i=i: i * i for i in range(2 * sc.limit + 1)]
+        got = a.exec_with_context(Context(timeout=15.0), *tasks)
+        assert got == [i * i for i in range(len(tasks))], (
+            "the alloter gives wrong results afterwards"
+        )
+
     def check_fds(self, baseline: int) -> None:
         """After ``close()``: the open file descriptors are back to their baseline."""
         assert _wait_for(lambda: F.open_fds() <= baseline, 2.0), (
@@ -496,12 +504,6 @@ def _check_cleanup(sc: Scenario, obs: Observed, a: BatchAlloter, d: str, target:
     target.check_processes(sc, a, wait)
 
 
-def _check_usable(a: BatchAlloter, sc: Scenario) -> None:
-    tasks = [lambda i=i: i * i for i in range(2 * sc.limit + 1)]
-    got = a.exec_with_context(Context(timeout=15.0), *tasks)
-    assert got == [i * i for i in range(len(tasks))], "the alloter gives wrong results afterwards"
-
-
 def _cleanup_leftovers(d: str) -> None:
     F.kill_all([(pid, created) for _, pid, created in F.children(d)])
     for p in F.live_descendants():
@@ -532,7 +534,7 @@ def run_scenario(sc: Scenario, target: Target = PROCESS) -> None:
             _check_forced(sc, obs, target)
             _check_report(sc, obs, d)
             _check_cleanup(sc, obs, a, d, target)
-            _check_usable(a, sc)
+            target.check_usable(a, sc)
         except BaseException:
             _cleanup_leftovers(d)  # so that close() cannot hang on what a bug left running
             raise

@@ -2,24 +2,28 @@
 
 Only what RayAlloter's contract says differs is adapted (:class:`RayTarget`):
 
-* timing bounds are 500 ms instead of 50 ms (how late an end may come, how fast an
-  instant failure returns, the time a benign batch needs), and a task handed to Ray
-  only runs once one of the session Ray's 2 CPUs is free;
+* timing bounds are 500 ms instead of 50 ms: how late an end may come, how fast an
+  instant failure returns, how long a benign batch may take; and a task handed to
+  Ray only runs once one of the session Ray's 2 CPUs is free. A call after the batch
+  runs under the alloter's own timeout, which may be shorter than a task may take to
+  start on Ray: with a timeout under 2 bounds, that call may time out, but what ended
+  must be right, and nothing may crash or fail;
 * ``WorkerCrashed.exitcode`` is ``None`` (Ray does not report it), except for a
-  memory kill, which the alloter's own guard does with SIGKILL;
+  memory kill: the alloter's own guard kills the worker with SIGKILL and says so;
 * the memory limit counts the whole Ray worker, which idles at about 90 MiB: the
   scenarios' limit is 150 MiB above the process model's (the memory hog of
   ``_faults`` allocates up to 2 GiB, far past it);
 * ``stats()`` is not offered and Ray's workers are not our children: instead of "only
   the alloter's live workers remain", the shared checks (the Ray worker of every
   task that had to be killed or crashed is gone, every child process a task started
-  is dead: ``_faults`` has no child that escapes Ray's kill, since its "session"
-  child is a direct child of the worker and its "orphan" stays in the worker's
-  process group) plus "no process of ours is left besides Ray's";
-* no exact file-descriptor baseline: the driver's Ray connection opens and closes
-  gRPC descriptors on its own schedule, so only a leak that grows is caught.
+  is dead) plus "no process of ours is left besides Ray's". ``_faults`` has no child
+  that escapes Ray's kill: its "session" child is a direct child of the worker and
+  its "orphan" stays in the worker's process group;
+* file descriptors are compared with some slack: the driver's connection to Ray
+  opens and closes gRPC descriptors on its own schedule (measured: within -2..+2 of
+  the baseline over 80 examples), so only a leak that grows is caught.
 
-``ALLOTER_MODEL_RAY_EXAMPLES`` sets the number of examples (default 25);
+``ALLOTER_MODEL_RAY_EXAMPLES`` sets the number of examples (default 25, about 15 s);
 ``ALLOTER_MODEL_SEED`` and ``ALLOTER_MODEL_SHRINK`` work as in ``test_model.py``.
 """
 
@@ -47,6 +51,7 @@ from test_model import (
     scenarios,
 )
 
+from alloter_mp import Context
 from alloter_mp.ray import RayAlloter
 
 pytestmark = pytest.mark.ray
@@ -59,7 +64,7 @@ RAY_CPUS = 2
 RAY_MEMORY_LIMIT = MEMORY_LIMIT + 150 * 1024 * 1024
 assert F.MEMORY_MOST > 4 * RAY_MEMORY_LIMIT, "the memory hog must go well past the limit"
 # Descriptors the driver's Ray connection may hold beyond the baseline at a time.
-FD_SLACK = 48
+FD_SLACK = 16
 
 
 class RayTarget(Target):
@@ -96,6 +101,21 @@ class RayTarget(Target):
             f"processes {[(p.pid, p.cmdline()) for p in F.live_descendants()]} left"
         )
 
+    def check_usable(self, a: Any, sc: Scenario) -> None:
+        if sc.timeout is None or sc.timeout >= 2 * BOUND:
+            super().check_usable(a, sc)
+            return
+        # The alloter's own timeout bounds this call too, and on Ray a task may take
+        # up to the contract's bound to start (Ray replaces the workers it killed): a
+        # shorter timeout may pass. What ended must still be right; nothing may fail.
+        tasks = [lambda i=i: i * i for i in range(2 * sc.limit + 1)]
+        report = a.exec_report(*tasks, ctx=Context(timeout=15.0))
+        for t in report.tasks:
+            where = f"afterwards, trivial task {t.index} is {t.status}: {t.error!r}"
+            assert t.status in ("ok", "timeout", "skipped"), where
+            if t.status == "ok":
+                assert t.result == t.index * t.index, "the alloter gives wrong results afterwards"
+
     def check_fds(self, baseline: int) -> None:
         assert _wait_for(lambda: F.open_fds() <= baseline + FD_SLACK, 2.0), (
             f"open fds {F.open_fds()} after close(), baseline {baseline} (+{FD_SLACK})"
@@ -105,7 +125,7 @@ class RayTarget(Target):
 RAY = RayTarget()
 
 
-@pytest.mark.timeout(60 + 8 * RAY_EXAMPLES)
+@pytest.mark.timeout(60 + 5 * RAY_EXAMPLES)
 @settings(_settings, max_examples=RAY_EXAMPLES)
 @given(sc=scenarios(RAY_MEMORY_LIMIT))
 def test_random_faulty_batches_keep_the_contract_on_ray(ray_session: Any, sc: Scenario) -> None:
