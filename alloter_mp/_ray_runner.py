@@ -43,6 +43,8 @@ __all__ = ["RayRunner", "import_ray"]
 FORCE_AGAIN = 0.1
 # A task force-cancelled this long ago whose object never resolved is settled anyway.
 KILL_GIVE_UP = 10.0
+# How long the board actor may take to start (a new Ray worker process).
+BOARD_START = 60.0
 # How many times a task whose worker died before the task started is handed again.
 HAND_AGAIN_MOST = 3
 # Ray may hand a new task to a worker that is dying after a forced cancel (the
@@ -50,6 +52,30 @@ HAND_AGAIN_MOST = 3
 # forced cancel in this process confirms its start before it runs (see run_task).
 CONFIRM_WINDOW = 2.0
 _last_force = [-CONFIRM_WINDOW]  # monotonic time of this process's latest forced cancel
+
+
+_boards: dict[str, Any] = {}
+_boards_lock = threading.Lock()
+
+
+def shared_board(ray: Any) -> Any:
+    """This process's :class:`Board` actor on the Ray it is connected to, up and answering.
+
+    Made on first use and again when the one known no longer answers (Ray was shut
+    down and started again, or the actor died).
+    """
+    with _boards_lock:
+        board = _boards.get("board")
+        if board is not None:
+            try:
+                ray.get(board.ping.remote(), timeout=BOARD_START)
+                return board
+            except Exception:
+                pass
+        board = ray.remote(Board).options(num_cpus=0, max_restarts=0).remote()
+        ray.get(board.ping.remote(), timeout=BOARD_START)
+        _boards["board"] = board
+        return board
 
 
 def import_ray() -> Any:
@@ -115,7 +141,9 @@ class RayRunner:
         self._remote = ray.remote(run_task).options(
             num_cpus=num_cpus, max_retries=0, retry_exceptions=False
         )
-        self._board: Any = None
+        # Up before any task runs: a task's memory guard or start notice must never
+        # wait for the board to start (and the first call must not pay for it).
+        self._board: Any = shared_board(ray)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._batches: deque[Batch] = deque()  # supervisor thread only
@@ -133,9 +161,6 @@ class RayRunner:
                 raise self._broken
             if self._closed:
                 raise AlloterError("the alloter is closed")
-            if self._board is None:
-                actor = self._ray.remote(Board).options(num_cpus=0, max_restarts=0)
-                self._board = actor.remote()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._supervise, name="alloter_mp-ray", daemon=True
@@ -153,10 +178,6 @@ class RayRunner:
         self._events.put(("close", None))
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        if self._board is not None:
-            with contextlib.suppress(Exception):
-                self._ray.kill(self._board)
-            self._board = None
 
     def _wake(self) -> None:
         self._events.put(("wake", None))
@@ -392,19 +413,15 @@ class RayRunner:
         batch.task_failed(slot, error, crashed=True)
 
     def _ask_board(self, method: str, key: int, index: int) -> Any:
-        if self._board is None:
-            return None
         try:
-            return self._ray.get(getattr(self._board, method).remote(key, index), timeout=5.0)
+            return self._ray.get(getattr(self._board, method).remote(key, index), timeout=10.0)
         except Exception:
             return None
 
     def _pid_of(self, key: int, index: int) -> tuple[bool, int | None]:
         """``(the board answered, the pid of the worker the task started in or None)``."""
-        if self._board is None:
-            return False, None
         try:
-            pid = self._ray.get(self._board.pid_of.remote(key, index), timeout=5.0)
+            pid = self._ray.get(self._board.pid_of.remote(key, index), timeout=10.0)
         except Exception:
             return False, None
         return True, None if pid is None else int(pid)
@@ -421,9 +438,8 @@ class RayRunner:
 
     def _forget(self, batch: Batch) -> None:
         run: _BatchRun = batch.runner_state
-        if self._board is not None:
-            with contextlib.suppress(Exception):
-                self._board.forget.remote(run.key)
+        with contextlib.suppress(Exception):
+            self._board.forget.remote(run.key)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -52,7 +52,8 @@ _meter: PeakMeter | None = None
 class Board:
     """What an alloter's Ray tasks share: ended batches, their workers, memory kills.
 
-    It runs as a Ray actor of the alloter, with no CPU of its own. The driver
+    It runs as a Ray actor, one per driver process shared by its alloters (batch
+    keys are unique in a process), with no CPU of its own. The driver
     writes which batches ended; each task writes its worker's pid as it starts (so
     a task that is killed or dies is reported with its worker, as on the pool; when
     asked to, before its code runs, so that a task whose worker died before it
@@ -64,6 +65,10 @@ class Board:
         self._ended: set[int] = set()
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
         self._pids: dict[tuple[int, int], int] = {}
+
+    def ping(self) -> bool:
+        """Answer, to show the board is up."""
+        return True
 
     def end(self, key: int) -> None:
         """Batch ``key`` has ended: its running tasks should stop."""

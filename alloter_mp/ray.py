@@ -85,7 +85,12 @@ class RayAlloter(BatchAlloter):
             limit = max(1, int(cpus // num_cpus))
         self._limit = limit
         self._num_cpus = num_cpus
-        self._runner = RayRunner(ray, limit, num_cpus)
+        try:
+            self._runner = RayRunner(ray, limit, num_cpus)
+        except BaseException:
+            if self._owns_ray:  # leave no Ray behind for an alloter that never was
+                ray.shutdown()
+            raise
         self._closed = False
 
     def _submit(self, batch: Batch) -> None:

@@ -98,10 +98,28 @@ def sleep_then_raise(seconds: float) -> None:
     raise ValueError("late boom")
 
 
-def raise_at(path: str, seconds: float) -> None:
+def raise_at(path: str, seconds: float, after: str | None = None) -> None:
+    """Raise ``seconds`` after the file ``after`` appears (a sibling started), noting when.
+
+    Ray starts workers as it needs them, so a sibling may start later than this task:
+    waiting for it makes sure the failure finds it running.
+    """
+    _wait_file(after)
     time.sleep(seconds)
     Path(path).write_text(repr(time.time()))
     raise ValueError("raised on time")
+
+
+def raise_after(after: str, seconds: float = 0.3) -> None:
+    _wait_file(after)
+    time.sleep(seconds)
+    raise ValueError("late boom")
+
+
+def _wait_file(path: str | None) -> None:
+    end = time.monotonic() + 30
+    while path is not None and not Path(path).exists() and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def spin(pidfile: str) -> None:
@@ -124,6 +142,7 @@ def spin_with_child(pidfile: str) -> None:
 
 def cooperative(path: str) -> str:
     """Wait for ``cancelled()``, write when it was seen, return."""
+    Path(path + ".started").touch()
     deadline = time.monotonic() + 30
     while not alloter_mp.cancelled():
         if time.monotonic() > deadline:
@@ -148,6 +167,7 @@ def cooperative_ignoring_sigint(path: str) -> str:
 
 
 def record(path: str, seconds: float) -> int:
+    Path(path + ".started").touch()
     start = time.time()
     time.sleep(seconds)
     with open(path, "a") as f:
@@ -281,16 +301,19 @@ def test_limit_none_is_the_clusters_cpus(ray_session: Any) -> None:
 def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
     ralloter: RayAlloter, tmp_path: Path
 ) -> None:
-    pidfile = tmp_path / "pid"
-    started = time.monotonic()
+    pidfile, raised = tmp_path / "pid", tmp_path / "raised"
     with pytest.raises(TaskError) as info:
-        ralloter.exec(partial(sleep_then_raise, 0.3), partial(spin, str(pidfile)), lambda: 1)
-    elapsed = time.monotonic() - started
+        ralloter.exec(
+            partial(raise_at, str(raised), 0.3, str(pidfile)),
+            partial(spin, str(pidfile)),
+            lambda: 1,
+        )
+    returned_after = time.time() - float(raised.read_text())
     err = info.value
     assert err.index == 0
     assert isinstance(err.__cause__, ValueError)
-    assert "late boom" in err.remote_traceback and "sleep_then_raise" in err.remote_traceback
-    assert elapsed < 0.3 + BOUND + SLACK, elapsed
+    assert "raised on time" in err.remote_traceback and "raise_at" in err.remote_traceback
+    assert returned_after < BOUND + SLACK, returned_after  # a fast return
     (pid,) = _read_pid(pidfile)
     # The spinning sibling ignores cancelled(): it is force-cancelled after the grace.
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK + 5), "spinning sibling still alive"
@@ -299,7 +322,7 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
 def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     report = ralloter.exec_report(
-        partial(sleep_then_raise, 0.3), partial(spin_ignoring_sigterm, str(pidfile))
+        partial(raise_after, str(pidfile)), partial(spin_ignoring_sigterm, str(pidfile))
     )
     (pid,) = _read_pid(pidfile)
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
@@ -312,7 +335,9 @@ def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: 
 def test_running_sibling_is_told_through_cancelled(ray_session: Any, tmp_path: Path) -> None:
     seen, raised = tmp_path / "seen", tmp_path / "raised"
     with RayAlloter(2, cancel_grace=5.0) as a:
-        report = a.exec_report(partial(cooperative, str(seen)), partial(raise_at, str(raised), 0.5))
+        report = a.exec_report(
+            partial(cooperative, str(seen)), partial(raise_at, str(raised), 0.5, f"{seen}.started")
+        )
     assert [t.status for t in report.tasks] == ["cancelled", "error"]
     assert report.tasks[0].result == "told"
     told_after = float(seen.read_text()) - float(raised.read_text())
@@ -328,7 +353,9 @@ def test_cancelled_is_seen_where_rays_interruption_is_not(
     # still be told.
     seen, raised = tmp_path / "seen", tmp_path / "raised"
     with RayAlloter(2, cancel_grace=5.0) as a:
-        report = a.exec_report(partial(task, str(seen)), partial(raise_at, str(raised), 0.3))
+        report = a.exec_report(
+            partial(task, str(seen)), partial(raise_at, str(raised), 0.3, f"{seen}.started")
+        )
     assert [t.status for t in report.tasks] == ["cancelled", "error"]
     assert report.tasks[0].result == "told"
     assert float(seen.read_text()) - float(raised.read_text()) < BOUND + SLACK
@@ -337,7 +364,7 @@ def test_cancelled_is_seen_where_rays_interruption_is_not(
 def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_path: Path) -> None:
     spans = tmp_path / "spans"
     report = ralloter.exec_report(
-        partial(sleep_then_raise, 0.2),
+        partial(raise_after, f"{spans}.started", 0.2),
         partial(record, str(spans), 0.5),
         *[partial(record, str(spans), 0.01) for _ in range(3)],
     )
@@ -651,6 +678,8 @@ def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path
     for round_ in range(8):
         with RayAlloter(2, cancel_grace=0.0) as a:
             seen = tmp_path / f"seen{round_}"
-            report = a.exec_report(partial(cooperative, str(seen)), partial(sleep_then_raise, 0.3))
+            report = a.exec_report(
+                partial(cooperative, str(seen)), partial(raise_after, f"{seen}.started")
+            )
             assert [t.status for t in report.tasks] == ["cancelled", "error"]
             assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
