@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from typing import Any
 
@@ -58,24 +59,25 @@ _boards: dict[str, Any] = {}
 _boards_lock = threading.Lock()
 
 
-def shared_board(ray: Any) -> Any:
-    """This process's :class:`Board` actor on the Ray it is connected to, up and answering.
+def shared_board(ray: Any) -> tuple[Any, str]:
+    """This process's :class:`Board` actor on the Ray it is connected to, and its name.
 
-    Made on first use and again when the one known no longer answers (Ray was shut
-    down and started again, or the actor died).
+    It is up and answering. Made on first use and again when the one known no longer
+    answers (Ray was shut down and started again, or the actor died).
     """
     with _boards_lock:
-        board = _boards.get("board")
-        if board is not None:
+        known = _boards.get("board")
+        if known is not None:
             try:
-                ray.get(board.ping.remote(), timeout=BOARD_START)
-                return board
+                ray.get(known[0].ping.remote(), timeout=BOARD_START)
+                return known  # type: ignore[no-any-return]
             except Exception:
                 pass
-        board = ray.remote(Board).options(num_cpus=0, max_restarts=0).remote()
+        name = f"alloter_mp-board-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        board = ray.remote(Board).options(num_cpus=0, max_restarts=0, name=name).remote()
         ray.get(board.ping.remote(), timeout=BOARD_START)
-        _boards["board"] = board
-        return board
+        _boards["board"] = (board, name)
+        return board, name
 
 
 def import_ray() -> Any:
@@ -143,7 +145,7 @@ class RayRunner:
         )
         # Up before any task runs: a task's memory guard or start notice must never
         # wait for the board to start (and the first call must not pay for it).
-        self._board: Any = shared_board(ray)
+        self._board, self._board_name = shared_board(ray)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._batches: deque[Batch] = deque()  # supervisor thread only
@@ -332,7 +334,7 @@ class RayRunner:
                 deadline_wall,
                 batch.measure,
                 run.memory_limit,
-                self._board,
+                self._board_name,
                 run.paths,
                 confirm,
             )

@@ -109,13 +109,15 @@ def run_task(
     deadline_wall: float | None,
     measure: bool,
     memory_limit: int | None,
-    board: Any,
+    board_name: str,
     paths: tuple[str, ...],
     confirm: bool,
 ) -> tuple[int, Any, float, float, int, int]:
     """The Ray remote function: run one pickled task, measured.
 
-    ``paths`` is the driver's ``sys.path``: as in a pool worker, modules the driver
+    ``board_name`` names the driver's board actor (a name is cheaper to send than
+    its handle, which each worker looks up once). ``paths`` is the driver's
+    ``sys.path``: as in a pool worker, modules the driver
     imports by path (a test directory, a script's folder) import here too, where
     those folders exist. With ``confirm`` the task waits until the board has its
     worker's pid before it runs. Returns ``(code, body, wall, cpu, peak, pid)``; it never
@@ -126,6 +128,7 @@ def run_task(
     if _meter is None:
         _meter = PeakMeter()
     _adopt_paths(paths)
+    board = _board(board_name)
     notice = board.started.remote(key, index, os.getpid())
     if confirm:
         # Waited for: once the task's code may run, the board knows. A worker Ray
@@ -154,6 +157,16 @@ def run_task(
 
 
 _adopted: tuple[str, ...] = ()
+_boards: dict[str, Any] = {}
+
+
+def _board(name: str) -> Any:
+    board = _boards.get(name)
+    if board is None:
+        import ray
+
+        board = _boards[name] = ray.get_actor(name)
+    return board
 
 
 def ray_get(ref: Any, timeout: float) -> Any:
