@@ -683,3 +683,46 @@ def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path
             )
             assert [t.status for t in report.tasks] == ["cancelled", "error"]
             assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
+
+
+def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
+    # The program's own local Ray (not the session's): its tasks and its core
+    # processes go when the program dies without a chance to shut Ray down.
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            from pathlib import Path
+            from alloter_mp.ray import RayAlloter
+
+            def spin():
+                Path({str(pidfile)!r}).write_text(str(os.getpid()))
+                while True:
+                    pass
+
+            if __name__ == "__main__":
+                with RayAlloter(1) as a:
+                    a.exec(spin)
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    job = subprocess.Popen([sys.executable, str(script)], env={**env, "RAY_AUTH_MODE": "disabled"})
+    try:
+        (task_pid,) = _read_pid(pidfile, timeout=60)
+        ray_core = [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if p.name() in ("gcs_server", "raylet")
+        ]
+        assert len(ray_core) == 2, ray_core
+        job.kill()
+        job.wait(10)
+        assert pid_gone(task_pid, timeout=20), "the program's Ray task still spins"
+        for proc in ray_core:
+            assert pid_gone(proc.pid, timeout=20), f"{proc.name()} outlived the program"
+    finally:
+        job.kill()
+        job.wait(10)
