@@ -726,3 +726,18 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
     finally:
         job.kill()
         job.wait(10)
+
+
+def test_the_ray_example_runs() -> None:
+    example = Path(__file__).parent.parent / "examples" / "ray_fanout.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run(
+        [sys.executable, str(example)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**env, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "primes below 1,200,000: 92,938" in out.stdout
+    assert "as expected: task 1 raised ZeroDivisionError" in out.stdout
