@@ -4,6 +4,8 @@ Two measurements, both alloters with the same limit on the same 2 CPUs:
 
 * overhead of a batch of 200 x 20 ms sleeping tasks: the makespan minus the ideal
   (200 x 20 ms / limit), median over rounds, after a warm-up call;
+* the same batch on plain Ray (a remote function, at most 2 in flight, refilled
+  with ``ray.wait``) for reference: what Ray itself costs;
 * a spinning task under ``timeout=``: how late ``ExecTimeout`` reaches the caller,
   and how long after that the spinning task's process is gone (polled every 1 ms),
   with ``cancel_grace=0`` and with the default grace of 0.5 s.
@@ -52,6 +54,29 @@ def _overhead(alloter: Any, rounds: int) -> list[float]:
     for _ in range(rounds):
         started = time.perf_counter()
         alloter.exec(*[partial(_sleep, TASK_SECONDS)] * TASKS)
+        out.append(time.perf_counter() - started - ideal)
+    return out
+
+
+def _plain_ray(ray: Any, rounds: int) -> list[float]:
+    remote = ray.remote(max_retries=0, num_cpus=1)(_sleep)
+
+    def batch(n: int, seconds: float) -> None:
+        pending: list[Any] = []
+        handed = 0
+        while handed < n or pending:
+            while handed < n and len(pending) < LIMIT:
+                pending.append(remote.remote(seconds))
+                handed += 1
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+
+    batch(2 * LIMIT, 0.001)
+    ideal = TASKS * TASK_SECONDS / LIMIT
+    out = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        batch(TASKS, TASK_SECONDS)
         out.append(time.perf_counter() - started - ideal)
     return out
 
@@ -111,6 +136,7 @@ def main() -> None:
             late, gone = _timeout(make, grace, args.rounds)
             rows[name][f"late_g{grace}"] = late
             rows[name][f"gone_g{grace}"] = gone
+    plain = _plain_ray(ray, args.rounds)
     ray.shutdown()
 
     print(
@@ -119,7 +145,7 @@ def main() -> None:
         "Median [min-max], ms."
     )
     print(
-        "| alloter | batch overhead (makespan - 2.0 s) | per task | "
+        "| alloter | batch overhead (makespan - 2.0 s) | per task and slot | "
         "ExecTimeout late, grace 0 | process gone after it, grace 0 | "
         "ExecTimeout late, grace 0.5 | process gone after it, grace 0.5 |"
     )
@@ -131,8 +157,11 @@ def main() -> None:
             f"{_fmt(r['late_g0.0'])} | {_fmt(r['gone_g0.0'])} | "
             f"{_fmt(r['late_g0.5'])} | {_fmt(r['gone_g0.5'])} |"
         )
+    per_task = [v / (TASKS / LIMIT) for v in plain]
+    print(f"| plain Ray (reference) | {_fmt(plain)} | {_fmt(per_task, digits=2)} | | | | |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ray_start_s": ray_start, "rows": rows}, indent=1))
+        raw = {"ray_start_s": ray_start, "rows": rows, "plain_ray": plain}
+        Path(args.json).write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":
