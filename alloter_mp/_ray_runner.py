@@ -146,6 +146,7 @@ class RayRunner:
         # Up before any task runs: a task's memory guard or start notice must never
         # wait for the board to start (and the first call must not pay for it).
         self._board, self._board_name = shared_board(ray)
+        self._board_lost = False
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._batches: deque[Batch] = deque()  # supervisor thread only
@@ -374,10 +375,12 @@ class RayRunner:
         batch, slot = running.batch, running.slot
         run: _BatchRun = batch.runner_state
         slot.wall_s = time.monotonic() - slot.started  # from the hand-over: Ray's queue too
-        known, slot.pid = self._pid_of(run.key, slot.index)
         if running.told or running.killed_at is not None:
+            if batch.measure:  # a report shows the worker even of a killed task
+                slot.pid = self._pid_of(run.key, slot.index)[1]
             batch.task_killed(slot)
             return
+        known, slot.pid = self._pid_of(run.key, slot.index)
         ray_exc = self._ray.exceptions
         if (
             running.confirm
@@ -392,7 +395,7 @@ class RayRunner:
             self._hand(batch, slot, running.payload, running.handed)
             return
         if run.memory_limit is not None:
-            kill = self._ask_board("memory_kill", run.key, slot.index)
+            _, kill = self._ask_board("memory_kill", run.key, slot.index)
             if kill is not None:
                 peak, pid = int(kill[0]), int(kill[1])
                 slot.peak_rss, slot.pid = peak, pid
@@ -414,19 +417,21 @@ class RayRunner:
         error = WorkerCrashed(slot.base, None, slot.pid, message=message)
         batch.task_failed(slot, error, crashed=True)
 
-    def _ask_board(self, method: str, key: int, index: int) -> Any:
+    def _ask_board(self, method: str, key: int, index: int) -> tuple[bool, Any]:
+        """``(the board answered, its answer)``; a board that failed once is not asked again."""
+        if self._board_lost:
+            return False, None
         try:
-            return self._ray.get(getattr(self._board, method).remote(key, index), timeout=10.0)
+            answer = self._ray.get(getattr(self._board, method).remote(key, index), timeout=10.0)
         except Exception:
-            return None
+            self._board_lost = True  # it would cost every later question the timeout
+            return False, None
+        return True, answer
 
     def _pid_of(self, key: int, index: int) -> tuple[bool, int | None]:
         """``(the board answered, the pid of the worker the task started in or None)``."""
-        try:
-            pid = self._ray.get(self._board.pid_of.remote(key, index), timeout=10.0)
-        except Exception:
-            return False, None
-        return True, None if pid is None else int(pid)
+        known, pid = self._ask_board("pid_of", key, index)
+        return known, None if pid is None else int(pid)
 
     def _forget_settled(self) -> None:
         while self._batches and self._batches[0].settled.is_set():
