@@ -173,13 +173,13 @@ class RayRunner:
             batch.notify = self._wake
             self._events.put(("batch", batch))
 
-    def close(self) -> None:
-        """End every batch, force-cancel what runs, stop the supervisor."""
+    def close(self, *, wait: bool = True) -> None:
+        """End every batch, force-cancel what runs, stop the supervisor (``wait``: for it)."""
         with self._lock:
             self._closed = True
             thread = self._thread
         self._events.put(("close", None))
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
     def _wake(self) -> None:

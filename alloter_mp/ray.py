@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,11 +33,13 @@ class RayAlloter(BatchAlloter):
     their Ray worker killed — ``cancel_grace`` seconds later); ``timeout`` bounds the
     whole call and force-cancels what still runs; a dead Ray worker is a
     :class:`~alloter_mp.WorkerCrashed` (``exitcode`` ``None``: Ray does not say).
-    Nothing is retried.
+    Nothing runs twice (a task whose Ray worker died before the task started is
+    handed to Ray again: it never ran).
 
     ``address=None`` joins the Ray already initialised in this process, or else
-    starts a local one (no dashboard, listening on the loopback address only); ``"auto"`` or ``"ray://host:port"`` joins a cluster (a Ray
-    already initialised in this process is used as it is).
+    starts a local one (no dashboard, listening on the loopback address only);
+    ``"auto"`` or ``"ray://host:port"`` joins a cluster (a Ray already initialised
+    in this process is used as it is).
     :meth:`close` shuts down only a Ray this alloter started (or connected to) itself.
     ``limit`` bounds this alloter's tasks in flight on the cluster, all calls
     together (``None``: the cluster's CPUs divided by ``num_cpus``, the CPUs each task
@@ -92,6 +95,8 @@ class RayAlloter(BatchAlloter):
                 ray.shutdown()
             raise
         self._closed = False
+        # An alloter dropped without close() still ends its calls and its thread.
+        self._finalizer = weakref.finalize(self, self._runner.close, wait=False)
 
     def _submit(self, batch: Batch) -> None:
         self._runner.submit(batch, self._memory_limit)
@@ -101,6 +106,7 @@ class RayAlloter(BatchAlloter):
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         self._runner.close()
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()

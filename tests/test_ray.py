@@ -741,3 +741,21 @@ def test_the_ray_example_runs() -> None:
     assert out.returncode == 0, out.stderr
     assert "primes below 1,200,000: 92,938" in out.stdout
     assert "as expected: task 1 raised ZeroDivisionError" in out.stdout
+
+
+def test_an_alloter_dropped_without_close_ends_its_thread(ray_session: Any) -> None:
+    import gc
+
+    def threads() -> int:
+        return sum(t.name == "alloter_mp-ray" for t in threading.enumerate())
+
+    before = threads()
+    a = RayAlloter(1)
+    assert a.exec(lambda: 1) == [1]
+    assert threads() == before + 1
+    del a
+    gc.collect()
+    end = time.monotonic() + 10
+    while threads() > before and time.monotonic() < end:
+        time.sleep(0.02)
+    assert threads() == before
