@@ -39,6 +39,12 @@ from ._ray_task import Board, run_task
 
 __all__ = ["RayRunner", "import_ray"]
 
+# A task ends itself (its watchdog kills its worker) when the grace is over; the
+# driver cancels with force only this long after that, for a task whose watchdog
+# could not act. A forced cancel that crosses the reply of a task that has just
+# finished makes Ray abort the driver (Ray 2.60: "Tried to complete task that was
+# not pending"), so it is kept for tasks that are truly stuck.
+FORCE_LATE = 2.0
 # Ray drops a forced cancel that closely follows an unforced one (measured: within
 # ~10 ms), so a forced cancel is repeated this often until the task's object resolves.
 FORCE_AGAIN = 0.1
@@ -48,11 +54,17 @@ KILL_GIVE_UP = 10.0
 BOARD_START = 60.0
 # How many times a task whose worker died before the task started is handed again.
 HAND_AGAIN_MOST = 3
-# Ray may hand a new task to a worker that is dying after a forced cancel (the
-# driver reuses its lease on that worker): a task handed within this long of a
-# forced cancel in this process confirms its start before it runs (see run_task).
+# Ray may hand a new task to a worker that is dying (killed by its task's watchdog
+# or a forced cancel): the driver reuses its lease on that worker. A task handed
+# while such a kill may be near (from when a task is told to stop until this long
+# after its grace, or after the kill was seen) confirms its start before it runs
+# (see run_task).
 CONFIRM_WINDOW = 2.0
-_last_force = [-CONFIRM_WINDOW]  # monotonic time of this process's latest forced cancel
+_kill_window_until = [0.0]  # monotonic; shared by the process's runners, like the lease
+
+
+def _kills_may_come_until(when: float) -> None:
+    _kill_window_until[0] = max(_kill_window_until[0], when + CONFIRM_WINDOW)
 
 
 _boards: dict[str, Any] = {}
@@ -74,7 +86,11 @@ def shared_board(ray: Any) -> tuple[Any, str]:
             except Exception:
                 pass
         name = f"alloter_mp-board-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        board = ray.remote(Board).options(num_cpus=0, max_restarts=0, name=name).remote()
+        # Each running task keeps one call waiting on it (see _ray_task._Watchdog).
+        actor = ray.remote(Board).options(
+            num_cpus=0, max_restarts=0, name=name, max_concurrency=100_000
+        )
+        board = actor.remote()
         ray.get(board.ping.remote(), timeout=BOARD_START)
         _boards["board"] = (board, name)
         return board, name
@@ -248,7 +264,8 @@ class RayRunner:
             if batch.ending:
                 run: _BatchRun = batch.runner_state
                 unkilled = any(r.killed_at is None for r in run.running)
-                at = batch.grace_deadline if unkilled else None
+                grace = batch.grace_deadline
+                at = grace + FORCE_LATE if unkilled and grace is not None else None
             else:
                 at = batch.deadline
             if at is not None and (soonest is None or at < soonest):
@@ -270,10 +287,7 @@ class RayRunner:
                 continue
             run: _BatchRun = batch.runner_state
             grace = batch.grace_deadline
-            # Read the clock again: the batch may have ended (in a caller's thread)
-            # after this turn's ``now``, and a grace of 0 must not send the unforced
-            # cancel that would make Ray drop the forced one.
-            over = grace is not None and time.monotonic() >= grace
+            over = grace is not None and now >= grace + FORCE_LATE
             if run.running and not run.marked:
                 run.marked = True  # for the tasks' own threads (see _ray_task)
                 with contextlib.suppress(Exception):
@@ -281,9 +295,9 @@ class RayRunner:
             for running in run.running:
                 if not running.told:
                     running.told = True
-                    if not over:  # no grace left: only the forced cancel below
-                        with contextlib.suppress(Exception):
-                            self._ray.cancel(running.ref, force=False)
+                    _kills_may_come_until(now + batch.cancel_grace)  # its watchdog's kill
+                    with contextlib.suppress(Exception):
+                        self._ray.cancel(running.ref, force=False)
                 if over and running.killed_at is None:
                     running.killed_at = now
                     self._force(running, now)
@@ -298,7 +312,8 @@ class RayRunner:
                 running.batch.task_killed(running.slot)
 
     def _force(self, running: _Running, now: float) -> None:
-        running.forced_at = _last_force[0] = now
+        running.forced_at = now
+        _kills_may_come_until(now)
         with contextlib.suppress(Exception):
             self._ray.cancel(running.ref, force=True)
 
@@ -323,7 +338,7 @@ class RayRunner:
         run: _BatchRun = batch.runner_state
         if payload is None:
             payload, slot.payload = slot.payload, None
-        confirm = time.monotonic() - _last_force[0] < CONFIRM_WINDOW
+        confirm = time.monotonic() < _kill_window_until[0]
         deadline_wall = None
         if batch.deadline is not None:
             deadline_wall = time.time() + (batch.deadline - time.monotonic())
@@ -338,6 +353,7 @@ class RayRunner:
                 self._board_name,
                 run.paths,
                 confirm,
+                batch.cancel_grace,
             )
         except Exception as exc:
             batch.task_failed(
@@ -360,8 +376,8 @@ class RayRunner:
         if running is None:
             return  # settled already (given up on after a kill)
         self._forget_running(running)
-        if running.killed_at is not None:
-            _last_force[0] = time.monotonic()  # the window counts from the kill's end too
+        if running.told:
+            _kills_may_come_until(time.monotonic())  # the window counts from a kill's end too
         batch, slot = running.batch, running.slot
         try:
             code, body, wall, cpu, peak, pid = self._ray.get(ref)

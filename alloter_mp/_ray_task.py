@@ -7,15 +7,13 @@ worker's pid), so the driver settles it with the same code.
 The in-task API answers for a Ray task too:
 
 * ``cancelled()``: when a batch ends, the driver cancels its Ray tasks without
-  force. Ray marks the task cancelled (``is_canceled()`` of the runtime context,
-  visible to the task's main thread only) and interrupts the main thread as if by
-  SIGINT; while a task runs, SIGINT only sets the task's flag, so the task is told,
-  not broken, and gets ``cancel_grace`` seconds to return before the driver cancels
-  with force. A *thread* of the task cannot see Ray's mark, and the main thread
-  may be blocked where the interruption cannot run (in ``join()``, say), so a
-  question from another thread goes to the alloter's :class:`Board` (a small Ray
-  actor the driver also tells): on the spot the first time, then through a flag a
-  poller refreshes every :data:`POLL_SECONDS`.
+  force and tells the :class:`Board` (a small Ray actor). Ray marks the task
+  cancelled (``is_canceled()``, visible to the task's main thread only) and
+  interrupts the main thread as if by SIGINT; while a task runs, SIGINT only sets
+  the task's flag, so the task is told, not broken. The task's watchdog thread,
+  waiting on the board, sets the same flag (for the task's other threads, and when
+  the main thread is blocked where the interruption cannot run) and kills the
+  task's own worker once ``cancel_grace`` is over.
 * ``time_left()`` reads the batch's deadline, sent as wall-clock time and put back
   on this machine's monotonic clock.
 * With a ``memory_limit``, a thread samples the worker's resident memory; past the
@@ -25,6 +23,7 @@ The in-task API answers for a Ray task too:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -37,10 +36,10 @@ from . import _transport
 from ._measure import PeakMeter
 from ._worker import execute, foreign_task
 
-__all__ = ["POLL_SECONDS", "Board", "run_task"]
+__all__ = ["WAIT_SECONDS", "Board", "run_task"]
 
-# How stale the view of a task's other threads on its batch's end may be.
-POLL_SECONDS = 0.05
+# A task's watchdog asks the board whether its batch ended in calls of this length.
+WAIT_SECONDS = 1.0
 # How often a Ray task's resident memory is sampled under a memory limit.
 MEMORY_SAMPLE_SECONDS = 0.01
 # How long a task waits for an answer of the board.
@@ -62,41 +61,52 @@ class Board:
     """
 
     def __init__(self) -> None:
-        self._ended: set[int] = set()
+        self._ended: dict[int, asyncio.Event] = {}
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
         self._pids: dict[tuple[int, int], int] = {}
 
-    def ping(self) -> bool:
+    def _event(self, key: int) -> asyncio.Event:
+        event = self._ended.get(key)
+        if event is None:
+            event = self._ended[key] = asyncio.Event()
+        return event
+
+    async def ping(self) -> bool:
         """Answer, to show the board is up."""
         return True
 
-    def end(self, key: int) -> None:
+    async def end(self, key: int) -> None:
         """Batch ``key`` has ended: its running tasks should stop."""
-        self._ended.add(key)
+        self._event(key).set()
 
-    def ended(self, key: int) -> bool:
-        """Whether batch ``key`` has ended."""
-        return key in self._ended
+    async def wait_end(self, key: int, timeout: float) -> bool:
+        """Whether batch ``key`` ended, waiting for it at most ``timeout`` seconds."""
+        event = self._event(key)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        return event.is_set()
 
-    def started(self, key: int, index: int, pid: int) -> None:
+    async def started(self, key: int, index: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` runs in worker process ``pid``."""
         self._pids[(key, index)] = pid
 
-    def pid_of(self, key: int, index: int) -> int | None:
+    async def pid_of(self, key: int, index: int) -> int | None:
         """The worker process task ``index`` of batch ``key`` started in, if it did."""
         return self._pids.pop((key, index), None)
 
-    def over_memory(self, key: int, index: int, peak: int, pid: int) -> None:
+    async def over_memory(self, key: int, index: int, peak: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` passed the memory limit (its worker dies next)."""
         self._kills[(key, index)] = (peak, pid)
 
-    def memory_kill(self, key: int, index: int) -> tuple[int, int] | None:
+    async def memory_kill(self, key: int, index: int) -> tuple[int, int] | None:
         """``(peak, pid)`` if task ``index`` of batch ``key`` was killed for its memory."""
         return self._kills.pop((key, index), None)
 
-    def forget(self, key: int) -> None:
+    async def forget(self, key: int) -> None:
         """Batch ``key`` is settled: drop what is known of it."""
-        self._ended.discard(key)
+        event = self._ended.pop(key, None)
+        if event is not None:
+            event.set()  # release any task still waiting on it
         for table in (self._kills, self._pids):
             for k in [k for k in table if k[0] == key]:
                 del table[k]
@@ -112,6 +122,7 @@ def run_task(
     board_name: str,
     paths: tuple[str, ...],
     confirm: bool,
+    grace: float,
 ) -> tuple[int, Any, float, float, int, int]:
     """The Ray remote function: run one pickled task, measured.
 
@@ -120,7 +131,8 @@ def run_task(
     ``sys.path``: as in a pool worker, modules the driver
     imports by path (a test directory, a script's folder) import here too, where
     those folders exist. With ``confirm`` the task waits until the board has its
-    worker's pid before it runs. Returns ``(code, body, wall, cpu, peak, pid)``; it never
+    worker's pid before it runs. ``grace`` is how long the task may run on once its
+    batch has ended before it kills its own worker (see :class:`_Watchdog`). Returns ``(code, body, wall, cpu, peak, pid)``; it never
     raises for what the task does, so an exception out of Ray means the worker or
     Ray itself failed.
     """
@@ -141,15 +153,17 @@ def run_task(
     deadline = None
     if deadline_wall is not None:
         deadline = time.monotonic() + (deadline_wall - time.time())
-    probe = _Probe(board, key)
+    probe = _Probe()
     guard = None
     if memory_limit is not None:
         guard = _MemoryGuard(memory_limit, board, key, index)
+    watchdog = _Watchdog(board, key, grace, probe)
     probe.install()
     try:
         with foreign_task(deadline, probe):
             outcome = execute(_transport.loads, (payload,), measure or guard is not None, _meter)
     finally:
+        watchdog.finish()  # from here on it never kills: the reply is on its way
         probe.uninstall()
         if guard is not None:
             guard.close()
@@ -188,68 +202,111 @@ def _adopt_paths(paths: tuple[str, ...]) -> None:
 class _Probe:
     """``cancelled()`` for a Ray task; while installed, SIGINT only sets its flag."""
 
-    def __init__(self, board: Any, key: int) -> None:
-        self._board = board
-        self._key = key
-        self._cancelled = False
+    def __init__(self) -> None:
+        self.cancelled = False  # also set by the watchdog, for the task's other threads
         self._previous: Any = None
         self._context: Any = None
         self._main = threading.main_thread()
-        self._poller: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
 
     def install(self) -> None:
         import ray
 
         self._context = ray.get_runtime_context()
         if threading.current_thread() is self._main:
-            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._previous = getattr(previous, "previous", previous)  # unwrap an absorber
 
     def _on_interrupt(self, signum: int, frame: Any) -> None:
-        self._cancelled = True
+        self.cancelled = True
 
     def __call__(self) -> bool:
-        if self._cancelled:
-            return True
-        if threading.current_thread() is self._main:
-            # Ray's own mark, in case its interruption has not reached Python yet.
+        if not self.cancelled and threading.current_thread() is self._main:
+            # Ray's own mark, in case its interruption has not reached Python yet
+            # (it is visible to the main thread only).
             with contextlib.suppress(Exception):
-                self._cancelled = bool(self._context.is_canceled())
-            return self._cancelled
-        with self._lock:
-            if self._poller is None and not self._stop.is_set():
-                self._cancelled = self._ask()
-                if not self._cancelled:
-                    self._poller = threading.Thread(
-                        target=self._poll, name="alloter_mp-cancel-poll", daemon=True
-                    )
-                    self._poller.start()
-        return self._cancelled
-
-    def _ask(self) -> bool:
-        import ray
-
-        try:
-            return bool(ray.get(self._board.ended.remote(self._key), timeout=_BOARD_TIMEOUT))
-        except Exception:
-            return False  # the board is unreachable: the driver still ends the task by force
-
-    def _poll(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            if self._ask():
-                self._cancelled = True
-                return
+                self.cancelled = bool(self._context.is_canceled())
+        return self.cancelled
 
     def uninstall(self) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            # Ray's unforced cancel may trip SIGINT just as the task ends; the handler
+            # then runs at the main thread's next bytecode, perhaps inside the next
+            # task, where a KeyboardInterrupt would break it (or the worker). So the
+            # next SIGINT is absorbed once, then the previous handler is back.
+            signal.signal(signal.SIGINT, _Absorber(self._previous))
             self._previous = None
+
+
+class _Absorber:
+    """A SIGINT handler that swallows one interrupt, then puts ``previous`` back."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class _Watchdog:
+    """Ends the task ``grace`` seconds after its batch ended, by killing its own worker.
+
+    The driver tells the board when a batch ends; this thread waits on the board for
+    that (one call at a time, each returning within :data:`WAIT_SECONDS`), then sets
+    the task's ``cancelled()`` flag — for the task's other threads too — and, if the
+    task still runs when the grace is over, SIGKILLs the worker's process group, its
+    children and the worker. A forced ``ray.cancel`` from the driver would do the
+    same, but Ray aborts the driver when such a cancel crosses the reply of a task
+    that had just finished; a worker that dies is an ordinary event for Ray. The
+    driver still cancels with force, later, a task this thread could not end (one
+    stuck in C code holding the GIL).
+    """
+
+    def __init__(self, board: Any, key: int, grace: float, probe: _Probe) -> None:
+        self._board = board
+        self._key = key
+        self._grace = grace
+        self._probe = probe
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        thread = threading.Thread(target=self._watch, name="alloter_mp-watchdog", daemon=True)
+        thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            try:
+                ended = ray_get(self._board.wait_end.remote(self._key, WAIT_SECONDS), 30.0)
+            except Exception:
+                return  # the board is gone: the driver's forced cancel remains
+            if ended:
+                break
+        if self._done.is_set():
+            return
+        self._probe.cancelled = True
+        if self._done.wait(self._grace):
+            return
         with self._lock:
-            self._stop.set()
-            poller = self._poller
-        if poller is not None:
-            poller.join()
+            if self._done.is_set():
+                return
+            _kill_this_worker()
+
+    def finish(self) -> None:
+        # Under the lock: a kill already decided completes before the reply is sent.
+        with self._lock:
+            self._done.set()
+
+
+def _kill_this_worker() -> None:
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(Exception):
+                child.kill()
+    with contextlib.suppress(OSError):
+        if os.getpgid(0) == os.getpid():  # Ray gives each worker a group of its own
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _MemoryGuard:
