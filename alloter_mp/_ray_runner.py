@@ -9,10 +9,11 @@ as its timeout, and on each turn:
   :func:`~alloter_mp._batch.report_outcome`, a dead worker as
   :class:`WorkerCrashed` (or :class:`MemoryLimitExceeded` when the task's memory
   guard recorded a kill), a task it force-cancelled as killed;
-* for a batch that has ended: cancels its Ray tasks without force and marks the
-  batch on the :class:`~alloter_mp._ray_task.Board` (a running task sees either
-  through ``cancelled()``, a task Ray still queues never starts), and at the grace
-  deadline cancels what still runs with force (Ray kills the worker);
+* for a batch that has ended: tells the :class:`~alloter_mp._ray_task.Board`, on
+  which every running task's watchdog waits (the task sees ``cancelled()``, and its
+  watchdog kills its own worker when ``cancel_grace`` is over), cancels without
+  force the tasks Ray has not started (they never run), and cancels with force,
+  late, a task that is still not ended (one stuck in C code holding the GIL);
 * hands queued tasks to Ray while fewer than ``limit`` of the runner's tasks are in
   flight, one batch after another in turn.
 
@@ -288,16 +289,24 @@ class RayRunner:
             run: _BatchRun = batch.runner_state
             grace = batch.grace_deadline
             over = grace is not None and now >= grace + FORCE_LATE
+            started: set[int] = set()
             if run.running and not run.marked:
-                run.marked = True  # for the tasks' own threads (see _ray_task)
+                run.marked = True  # the tasks' watchdogs are waiting for this
                 with contextlib.suppress(Exception):
                     self._board.end.remote(run.key)
+                known, answer = self._ask_board("started_tasks", run.key)
+                started = set(answer) if known else set()
             for running in run.running:
                 if not running.told:
                     running.told = True
                     _kills_may_come_until(now + batch.cancel_grace)  # its watchdog's kill
-                    with contextlib.suppress(Exception):
-                        self._ray.cancel(running.ref, force=False)
+                    if running.slot.index not in started:
+                        # Not started (as far as the board knows): Ray drops it from
+                        # its queue. A running task is told by its watchdog instead:
+                        # Ray's unforced cancel needs the task's GIL, and while it
+                        # waits for it no forced cancel reaches that worker.
+                        with contextlib.suppress(Exception):
+                            self._ray.cancel(running.ref, force=False)
                 if over and running.killed_at is None:
                     running.killed_at = now
                     self._force(running, now)
@@ -433,12 +442,12 @@ class RayRunner:
         error = WorkerCrashed(slot.base, None, slot.pid, message=message)
         batch.task_failed(slot, error, crashed=True)
 
-    def _ask_board(self, method: str, key: int, index: int) -> tuple[bool, Any]:
+    def _ask_board(self, method: str, *args: int) -> tuple[bool, Any]:
         """``(the board answered, its answer)``; a board that failed once is not asked again."""
         if self._board_lost:
             return False, None
         try:
-            answer = self._ray.get(getattr(self._board, method).remote(key, index), timeout=10.0)
+            answer = self._ray.get(getattr(self._board, method).remote(*args), timeout=10.0)
         except Exception:
             self._board_lost = True  # it would cost every later question the timeout
             return False, None

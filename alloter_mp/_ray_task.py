@@ -6,14 +6,12 @@ worker's pid), so the driver settles it with the same code.
 
 The in-task API answers for a Ray task too:
 
-* ``cancelled()``: when a batch ends, the driver cancels its Ray tasks without
-  force and tells the :class:`Board` (a small Ray actor). Ray marks the task
-  cancelled (``is_canceled()``, visible to the task's main thread only) and
-  interrupts the main thread as if by SIGINT; while a task runs, SIGINT only sets
-  the task's flag, so the task is told, not broken. The task's watchdog thread,
-  waiting on the board, sets the same flag (for the task's other threads, and when
-  the main thread is blocked where the interruption cannot run) and kills the
-  task's own worker once ``cancel_grace`` is over.
+* ``cancelled()``: when a batch ends, the driver tells the :class:`Board` (a small
+  Ray actor) on which the task's watchdog thread waits; the watchdog sets the
+  task's flag (seen from every thread of the task) and kills the task's own worker
+  once ``cancel_grace`` is over. Ray's own cancellation mark (``is_canceled()``) and
+  its interruption of the main thread, which SIGINT handling turns into the same
+  flag while a task runs, cover a cancel Ray delivers itself.
 * ``time_left()`` reads the batch's deadline, sent as wall-clock time and put back
   on this machine's monotonic clock.
 * With a ``memory_limit``, a thread samples the worker's resident memory; past the
@@ -89,6 +87,10 @@ class Board:
     async def started(self, key: int, index: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` runs in worker process ``pid``."""
         self._pids[(key, index)] = pid
+
+    async def started_tasks(self, key: int) -> list[int]:
+        """The indexes of batch ``key``'s tasks that told the board they started."""
+        return [index for k, index in self._pids if k == key]
 
     async def pid_of(self, key: int, index: int) -> int | None:
         """The worker process task ``index`` of batch ``key`` started in, if it did."""

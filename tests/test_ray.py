@@ -133,6 +133,11 @@ def spin_ignoring_sigterm(pidfile: str) -> None:
     spin(pidfile)
 
 
+def spin_holding_the_gil(pidfile: str) -> int:
+    Path(pidfile).write_text(str(os.getpid()))
+    return sum(range(10**13))  # one C call that never lets another thread run
+
+
 def spin_with_child(pidfile: str) -> None:
     child = subprocess.Popen(["sleep", "1000"])
     Path(pidfile).write_text(f"{os.getpid()} {child.pid}")
@@ -426,6 +431,16 @@ def test_timeout_stops_the_work(ray_session: Any, tmp_path: Path, grace: float) 
         assert pid_gone(pid, timeout=grace + BOUND + SLACK), "the spinning task still runs"
         assert pid_gone(child, timeout=5.0), "the task's child still runs"
         assert a.exec(lambda: 2) == [2]
+
+
+def test_timeout_stops_a_task_stuck_in_c_holding_the_gil(ray_session: Any, tmp_path: Path) -> None:
+    # The task's own watchdog cannot run; the driver's late forced cancel ends it.
+    pidfile = tmp_path / "pid"
+    with RayAlloter(1, timeout=1.0, cancel_grace=0.0) as a:
+        with pytest.raises(ExecTimeout):
+            a.exec(partial(spin_holding_the_gil, str(pidfile)))
+        (pid,) = _read_pid(pidfile)
+        assert pid_gone(pid, timeout=2.0 + BOUND + SLACK), "the stuck task still runs"
 
 
 def test_time_left_and_cancelled_inside_a_task(ray_session: Any) -> None:
