@@ -224,9 +224,11 @@ class _Probe:
     def __call__(self) -> bool:
         if not self.cancelled and threading.current_thread() is self._main:
             # Ray's own mark, in case its interruption has not reached Python yet
-            # (it is visible to the main thread only).
+            # (it is visible to the main thread only). Only ever set: the watchdog
+            # may set the flag while this reads Ray's mark.
             with contextlib.suppress(Exception):
-                self.cancelled = bool(self._context.is_canceled())
+                if self._context.is_canceled():
+                    self.cancelled = True
         return self.cancelled
 
     def uninstall(self) -> None:

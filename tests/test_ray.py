@@ -157,6 +157,17 @@ def cooperative(path: str) -> str:
     return "told"
 
 
+def cooperative_tight(path: str) -> str:
+    """``cooperative`` asking without a pause between questions."""
+    Path(path + ".started").touch()
+    deadline = time.monotonic() + 30
+    while not alloter_mp.cancelled():
+        if time.monotonic() > deadline:
+            return "never told"
+    Path(path).write_text(repr(time.time()))
+    return "told"
+
+
 def cooperative_in_thread(path: str) -> str:
     """``cooperative`` in a thread of the task while its main thread waits in join()."""
     out: list[str] = []
@@ -337,7 +348,9 @@ def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: 
     assert killed.wall_s >= 0.3 + 0.3  # until the kill: the failure, then the grace
 
 
-@pytest.mark.parametrize("task", [cooperative, cooperative_in_thread, cooperative_ignoring_sigint])
+@pytest.mark.parametrize(
+    "task", [cooperative, cooperative_tight, cooperative_in_thread, cooperative_ignoring_sigint]
+)
 def test_running_sibling_is_told_through_cancelled(
     ray_session: Any, tmp_path: Path, task: Any
 ) -> None:
