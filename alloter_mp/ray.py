@@ -29,9 +29,9 @@ class RayAlloter(BatchAlloter):
     The calls and their outcomes are those of :class:`~alloter_mp.ProcessAlloter`:
     results in task order; the first failure raises :class:`~alloter_mp.TaskError`
     with the remote traceback and ends the siblings (queued tasks are never handed to
-    Ray, running ones see :func:`~alloter_mp.cancelled` and are force-cancelled —
-    their Ray worker killed — ``cancel_grace`` seconds later); ``timeout`` bounds the
-    whole call and force-cancels what still runs; a dead Ray worker is a
+    Ray, running ones see :func:`~alloter_mp.cancelled` and their Ray worker is
+    killed ``cancel_grace`` seconds later); ``timeout`` bounds the whole call and
+    ends what still runs the same way; a dead Ray worker is a
     :class:`~alloter_mp.WorkerCrashed` (``exitcode`` ``None``: Ray does not say).
     Nothing runs twice (a task whose Ray worker died before the task started is
     handed to Ray again: it never ran).
