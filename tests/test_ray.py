@@ -145,27 +145,22 @@ def spin_with_child(pidfile: str) -> None:
         pass
 
 
-def cooperative(path: str) -> str:
+def cooperative(path: str, pause: float = 0.005) -> str:
     """Wait for ``cancelled()``, write when it was seen, return."""
     Path(path + ".started").touch()
     deadline = time.monotonic() + 30
     while not alloter_mp.cancelled():
         if time.monotonic() > deadline:
             return "never told"
-        time.sleep(0.005)
+        if pause:
+            time.sleep(pause)
     Path(path).write_text(repr(time.time()))
     return "told"
 
 
 def cooperative_tight(path: str) -> str:
     """``cooperative`` asking without a pause between questions."""
-    Path(path + ".started").touch()
-    deadline = time.monotonic() + 30
-    while not alloter_mp.cancelled():
-        if time.monotonic() > deadline:
-            return "never told"
-    Path(path).write_text(repr(time.time()))
-    return "told"
+    return cooperative(path, pause=0.0)
 
 
 def cooperative_in_thread(path: str) -> str:
