@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any
 
+import psutil
+
 from . import _transport
 from ._measure import PeakMeter
 from ._worker import execute, foreign_task
@@ -302,8 +304,6 @@ class _Watchdog:
 
 def _kill_this_worker() -> None:
     with contextlib.suppress(Exception):
-        import psutil
-
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(Exception):
                 child.kill()
@@ -317,8 +317,6 @@ class _MemoryGuard:
     """Kills this Ray worker when its resident memory passes the limit."""
 
     def __init__(self, limit: int, board: Any, key: int, index: int) -> None:
-        import psutil
-
         self._process = psutil.Process()
         self._limit = limit
         self._board = board
