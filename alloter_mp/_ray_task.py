@@ -336,18 +336,10 @@ class _MemoryGuard:
                 self._kill(rss)
 
     def _kill(self, peak: int) -> None:
-        import ray
-
         with contextlib.suppress(Exception):
-            ray.get(
-                self._board.over_memory.remote(self._key, self._index, peak, os.getpid()),
-                timeout=_BOARD_TIMEOUT,
-            )
-        with contextlib.suppress(Exception):
-            for child in self._process.children(recursive=True):
-                with contextlib.suppress(Exception):
-                    child.kill()
-        os.kill(os.getpid(), signal.SIGKILL)
+            note = self._board.over_memory.remote(self._key, self._index, peak, os.getpid())
+            ray_get(note, _BOARD_TIMEOUT)  # recorded before the worker dies
+        _kill_this_worker()
 
     def close(self) -> None:
         self._stop.set()
