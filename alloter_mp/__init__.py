@@ -26,9 +26,36 @@ from ._errors import (
 from ._handle import WorkerStats
 from ._pool import WorkerPool
 from ._report import Report, TaskReport
-from ._worker import cancelled, raise_if_cancelled, time_left
+from ._task import cancelled, raise_if_cancelled, time_left
 
 __version__ = "0.1.0"
+
+# Public names say they come from the package itself, not from the private module
+# that defines them: pickles (of errors, say) and tracebacks then name
+# ``alloter_mp.TaskError``, which stays true when the code moves between files.
+for _name in (
+    "Alloter",
+    "AlloterError",
+    "Cancelled",
+    "Context",
+    "ExecTimeout",
+    "MemoryLimitExceeded",
+    "ProcessAlloter",
+    "RemoteError",
+    "Report",
+    "SerializationError",
+    "TaskError",
+    "TaskReport",
+    "WorkerCrashed",
+    "WorkerPool",
+    "WorkerStats",
+    "cancelled",
+    "raise_if_cancelled",
+    "run",
+    "time_left",
+):
+    globals()[_name].__module__ = __name__
+del _name
 
 __all__ = (
     "Alloter",

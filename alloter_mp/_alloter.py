@@ -2,7 +2,7 @@
 
 The calls themselves (checking, pickling, waiting, reports, map) are
 :class:`~alloter_mp._calls.BatchAlloter`'s; a process alloter hands each batch to
-its :class:`~alloter_mp._pool.WorkerPool`.
+its :class:`~alloter_mp.WorkerPool` within its :class:`~alloter_mp._pool.Quota`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,28 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import _pool
 from ._batch import Batch
-from ._calls import BatchAlloter, _check_limit
+from ._calls import BatchAlloter, Caller
 from ._errors import AlloterError
 from ._handle import WorkerStats
-from ._pool import WorkerPool, _Owner
+from ._options import CallOptions, check_limit, default_limit
+from ._pool import Quota, WorkerPool
 
 __all__ = ["Alloter", "ProcessAlloter", "run"]
+
+
+class _PoolRunner:
+    """Runs an alloter's batches on a pool, within the alloter's quota."""
+
+    __slots__ = ("pool", "quota")
+
+    def __init__(self, pool: WorkerPool, quota: Quota) -> None:
+        self.pool = pool
+        self.quota = quota
+
+    def submit(self, batch: Batch) -> None:
+        _pool.submit(self.pool, batch, self.quota)
 
 
 class ProcessAlloter(BatchAlloter):
@@ -51,28 +66,37 @@ class ProcessAlloter(BatchAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
     ) -> None:
-        self._set_options(_check_limit(limit), timeout, cancel_grace, memory_limit, progress)
-        self._options = {
-            "start_method": start_method,
-            "initializer": initializer,
-            "initargs": initargs,
-            "max_tasks_per_worker": max_tasks_per_worker,
-        }
-        self._pool = self._make_pool()
-        self._owns_pool = True
-        self._owner = _Owner(self._limit, self._memory_limit)
-        self._finalizer: Any = weakref.finalize(self, self._pool.close, wait=False)
+        size = check_limit("limit", limit) or default_limit()
+        options = CallOptions.checked(
+            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+        )
+        pool = self._make_pool(
+            size=size,
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
+        self._limit: int | None = size
+        self._setup(pool, Quota(size), options, owns_pool=True)
 
-    def _make_pool(self) -> WorkerPool:
-        return WorkerPool(self._limit, **self._options)  # type: ignore[arg-type]
+    def _setup(self, pool: WorkerPool, quota: Quota, options: CallOptions, owns_pool: bool) -> None:
+        self._pool = pool
+        self._quota = quota
+        self._owns_pool = owns_pool
+        parallelism = quota.limit or pool.size
+        self._caller = Caller(options, _PoolRunner(pool, quota), parallelism)
+        # An alloter dropped without close() still stops the workers it started.
+        self._finalizer: Any = weakref.finalize(self, pool.close, wait=False) if owns_pool else None
+
+    @staticmethod
+    def _make_pool(**options: Any) -> WorkerPool:
+        return WorkerPool(**options)
 
     @property
     def pool(self) -> WorkerPool:
         """The pool this alloter runs on."""
         return self._pool
-
-    def _submit(self, batch: Batch) -> None:
-        self._pool._submit(batch, self._owner, self._memory_limit)
 
     def stats(self) -> list[WorkerStats]:
         """One :class:`WorkerStats` per live worker of this alloter's pool."""
@@ -83,11 +107,8 @@ class ProcessAlloter(BatchAlloter):
         if not isinstance(pool, WorkerPool):
             raise TypeError(f"pool must be a WorkerPool, not {type(pool).__name__}")
         other = object.__new__(type(self))
-        other.__dict__.update(self.__dict__)
-        other._pool = pool
-        other._owns_pool = False
-        other._owner = _Owner(self._limit, self._memory_limit)
-        other._finalizer = None
+        other._limit = self._limit
+        other._setup(pool, Quota(self._quota.limit), self._caller.options, owns_pool=False)
         return other
 
     def close(self) -> None:
@@ -98,7 +119,7 @@ class ProcessAlloter(BatchAlloter):
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} limit={self._limit} timeout={self._timeout} "
+            f"<{type(self).__name__} limit={self._limit} timeout={self.timeout} "
             f"start_method={self._pool.start_method!r}>"
         )
 
@@ -107,7 +128,7 @@ class Alloter(ProcessAlloter):
     """An alloter with no limit: every task of a call gets its own process.
 
     Idle workers are kept warm up to the number of CPUs; the rest stop after a call.
-    Same outcomes as :class:`ProcessAlloter`.
+    Same outcomes as :class:`ProcessAlloter`. Its :attr:`limit` is ``None``.
     """
 
     def __init__(
@@ -122,21 +143,22 @@ class Alloter(ProcessAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(
-            None,
-            timeout=timeout,
-            cancel_grace=cancel_grace,
+        options = CallOptions.checked(
+            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+        )
+        pool = self._make_pool(
+            size=default_limit(),
             start_method=start_method,
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_worker,
-            memory_limit=memory_limit,
-            progress=progress,
         )
-        self._owner.limit = None
+        self._limit = None
+        self._setup(pool, Quota(None), options, owns_pool=True)
 
-    def _make_pool(self) -> WorkerPool:
-        return WorkerPool(self._limit, _elastic=True, **self._options)  # type: ignore[arg-type]
+    @staticmethod
+    def _make_pool(**options: Any) -> WorkerPool:
+        return _pool.elastic_pool(**options)
 
 
 def run(*tasks: Callable[[], Any], timeout: float | None = None) -> bool:

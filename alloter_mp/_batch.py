@@ -26,23 +26,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _transport
-from ._errors import Cancelled, ExecTimeout, TaskError
+from ._errors import Cancelled, ExecTimeout
+from ._states import FINAL, EndKind, TaskStatus
 
-__all__ = ["Batch", "Slot"]
+__all__ = ["MAIN_THREAD_SLICE", "Batch", "Slot", "wait_interruptibly"]
 
-QUEUED = "queued"
-RUNNING = "running"
-OK = "ok"
-ERROR = "error"
-CRASHED = "crashed"
-TIMEOUT = "timeout"
-CANCELLED = "cancelled"
-SKIPPED = "skipped"
-
-FINAL = frozenset({OK, ERROR, CRASHED, TIMEOUT, CANCELLED, SKIPPED})
+QUEUED = TaskStatus.QUEUED
+RUNNING = TaskStatus.RUNNING
+OK = TaskStatus.OK
+ERROR = TaskStatus.ERROR
+CRASHED = TaskStatus.CRASHED
+TIMEOUT = TaskStatus.TIMEOUT
+CANCELLED = TaskStatus.CANCELLED
+SKIPPED = TaskStatus.SKIPPED
 
 _ids = itertools.count(1)
+
+# A task whose worker died before starting it goes back to the queue at most this
+# many times; after that the death is blamed on it (a worker that cannot start
+# tasks must not be replaced forever).
+REQUEUE_MOST = 3
 
 
 class Slot:
@@ -56,6 +59,7 @@ class Slot:
         "payload",
         "peak_rss",
         "pid",
+        "requeued",
         "result",
         "size",
         "started",
@@ -69,15 +73,18 @@ class Slot:
         # plus the offset of the failing item within the chunk.
         self.base = index
         self.size = 1  # how many items it stands for (a chunk of a map: its length)
+        # The pickled task (None when it travels in the batch's blob); kept until the
+        # task settles, since a task its worker never started is sent again.
         self.payload = payload
-        self.status = QUEUED
+        self.status: TaskStatus = QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
         self.wall_s = 0.0
         self.cpu_s = 0.0
         self.peak_rss = 0
         self.pid: int | None = None
-        self.started = 0.0
+        self.started = 0.0  # monotonic time it was handed to a worker
+        self.requeued = 0  # times it went back to the queue unstarted
 
 
 class Batch:
@@ -91,6 +98,7 @@ class Batch:
         cancel_grace: float = 0.5,
         timeout_message: str = "the call did not finish before its deadline",
         measure: bool = False,
+        memory_limit: int | None = None,
         open_input: bool = False,
     ) -> None:
         self.id = next(_ids)
@@ -98,18 +106,19 @@ class Batch:
         self.cancel_grace = cancel_grace
         self.timeout_message = timeout_message
         self.measure = measure
+        self.memory_limit = memory_limit
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
         # The tasks are even chunks of one map: sending two ahead is safe.
-        self.even = False
+        self.chunked = False
         self._queued: deque[int] = deque(range(len(payloads)))
         self._lock = threading.Lock()
         self._open = open_input
         self._unsettled = len(payloads)
         self._ok = 0
         self.outcome: BaseException | None = None
-        self.end_kind: str | None = None  # "failure" | "timeout" | "cancelled"
+        self.end_kind: EndKind | None = None
         self.ended_at = 0.0
         self.decided = threading.Event()
         self.settled = threading.Event()
@@ -120,8 +129,6 @@ class Batch:
         self.on_slot_done: Callable[[Slot], None] | None = None
         # Called (from the deciding thread) once the outcome is known.
         self.on_decided: Callable[[], None] | None = None
-        # The runner's private bookkeeping (e.g. "the end was handled").
-        self.runner_state: Any = None
         if not payloads and not open_input:
             self.decided.set()
             self.settled.set()
@@ -185,21 +192,47 @@ class Batch:
                 taken.append(slot)
         return taken
 
+    def requeue(self, slot: Slot) -> bool:
+        """A task its worker never started goes back to the queue (this is no retry).
+
+        It goes first, as it was taken first; once the batch has ended it is skipped.
+        ``False`` when it went back too often already: the runner then blames it.
+        """
+        with self._lock:
+            if slot.status in FINAL:
+                return True
+            if self.end_kind is None and slot.requeued >= REQUEUE_MOST:
+                return False
+            if self.end_kind is None:
+                slot.requeued += 1
+                slot.status = QUEUED
+                slot.pid = None
+                self._queued.appendleft(slot.index)
+                skipped = False
+            else:
+                self._finish(slot, SKIPPED)
+                skipped = True
+        if skipped:
+            self._slot_done(slot)
+        else:
+            self.notify()
+        return True
+
     # -- deciding (thread-safe; the first decision wins) ------------------------
 
     def fail(self, error: BaseException) -> bool:
         """Record the first failure and end the siblings. ``False`` if already decided."""
-        return self._end("failure", error)
+        return self._end(EndKind.FAILURE, error)
 
     def expire(self) -> bool:
         """The deadline passed: end everything with :class:`ExecTimeout`."""
-        return self._end("timeout", ExecTimeout(self.timeout_message))
+        return self._end(EndKind.TIMEOUT, ExecTimeout(self.timeout_message))
 
     def cancel(self, error: BaseException | None = None) -> bool:
         """Cancel from outside (context, interruption, close)."""
-        return self._end("cancelled", error or Cancelled("the call was cancelled"))
+        return self._end(EndKind.CANCELLED, error or Cancelled("the call was cancelled"))
 
-    def _end(self, kind: str, error: BaseException) -> bool:
+    def _end(self, kind: EndKind, error: BaseException) -> bool:
         with self._lock:
             if self.decided.is_set():
                 return False
@@ -226,17 +259,18 @@ class Batch:
 
     def _ended_error(self) -> BaseException | None:
         """What a task ended by the batch's end is told: the timeout, or a cancellation."""
-        if self.end_kind == "timeout" or isinstance(self.outcome, Cancelled):
+        if self.end_kind is EndKind.TIMEOUT or isinstance(self.outcome, Cancelled):
             return self.outcome
         index = getattr(self.outcome, "index", None)
         return Cancelled(f"cancelled because task {index} failed first")
 
-    def _end_status(self) -> str:
-        return TIMEOUT if self.end_kind == "timeout" else CANCELLED
+    def _end_status(self) -> TaskStatus:
+        return TIMEOUT if self.end_kind is EndKind.TIMEOUT else CANCELLED
 
-    def _finish(self, slot: Slot, status: str) -> None:
+    def _finish(self, slot: Slot, status: TaskStatus) -> None:
         # Caller holds the lock.
         slot.status = status
+        slot.payload = None  # settled: it will not be sent again
         self._unsettled -= 1
         self._check_settled()
 
@@ -365,55 +399,3 @@ def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> 
             return True
         if end is not None and time.monotonic() >= end:
             return False
-
-
-def report_outcome(batch: Batch, slot: Slot, ok: bool, body: Any) -> None:
-    """Tell ``batch`` what a worker sent back for ``slot``.
-
-    ``body`` is the pickled result when ``ok``, else the fields of an
-    :class:`~alloter_mp._transport.ExceptionInfo`.
-    """
-    if ok:
-        try:
-            result = _transport.loads(body)
-        except Exception as exc:
-            batch.task_failed(slot, _unloadable_result(slot.base, exc))
-        else:
-            batch.task_returned(slot, result)
-        return
-    info = _transport.ExceptionInfo(*body)
-    cause = _transport.rebuild_exception(info)
-    batch.task_failed(slot, task_error_from(slot.base + info.offset, cause, info.traceback))
-
-
-def _unloadable_result(index: int, exc: BaseException) -> TaskError:
-    error = TaskError(
-        index,
-        f"the task's result cannot be unpickled in the parent: {exc!r}",
-        type_name=type(exc).__name__,
-    )
-    error.__cause__ = exc
-    return error
-
-
-def task_error_from(index: int, cause: BaseException, remote_traceback: str) -> TaskError:
-    """The :class:`TaskError` for a task that raised ``cause``."""
-    message = _message(cause)
-    error = TaskError(index, message, remote_traceback, type_name=_type_name(cause))
-    error.__cause__ = cause
-    return error
-
-
-def _type_name(exc: BaseException) -> str:
-    name = getattr(exc, "type_name", None)  # a RemoteError stands for another type
-    return name if isinstance(name, str) else type(exc).__name__
-
-
-def _message(exc: BaseException) -> str:
-    message = getattr(exc, "message", None)
-    if isinstance(message, str) and type(exc).__name__ == "RemoteError":
-        return message
-    try:
-        return str(exc)
-    except Exception:
-        return "<unprintable message>"

@@ -1,29 +1,35 @@
 """The calls every alloter offers, whatever runs the tasks.
 
-:class:`BatchAlloter` turns a call (``exec``, ``exec_with_context``, ``exec_report``,
-``map``, ``imap``) into a :class:`~alloter_mp._batch.Batch`, checking and pickling
-the tasks first so that bad input fails before anything starts, hands the batch to
-its runner through :meth:`BatchAlloter._submit` and waits for the outcome. The local
-process pool and Ray are two runners behind this one class, so the outcomes of a
-call are the same on both.
+A call (``exec``, ``exec_with_context``, ``exec_report``, ``map``, ``imap``) goes
+through the same four steps, done by a :class:`Caller`:
+
+1. check and pickle the tasks, so that bad input fails before anything starts;
+2. make a :class:`~alloter_mp._batch.Batch` with the call's deadline and options;
+3. hand it to the alloter's runner (the local pool, Ray), which reports every
+   task's fate to the batch;
+4. wait for the batch's outcome (and, for a report, for every task to settle).
+
+:class:`BatchAlloter` is the public face of those calls; a subclass only says which
+runner runs its batches. So the outcomes of a call are the same on every runner.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-from . import _mapping, _transport
+from . import _context, _mapping, _transport
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import Cancelled, ExecTimeout, SerializationError
-from ._progress import attach_progress
+from ._options import CallOptions, check_chunksize
+from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
-__all__ = ["BatchAlloter"]
+__all__ = ["BatchAlloter", "Caller", "Runner"]
 
 # Tasks pickled together up to this size are sent as one blob per worker.
 BLOB_MOST = 1 << 20
@@ -33,183 +39,76 @@ R = TypeVar("R")
 _A = TypeVar("_A", bound="BatchAlloter")
 
 
-def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, not {value!r}")
-    return float(value)
+class Runner(Protocol):
+    """What runs a batch's tasks: it must settle every task, come what may."""
+
+    def submit(self, batch: Batch) -> None:
+        """Start running ``batch`` (raise if the runner cannot take it)."""
 
 
-def _check_limit(limit: int | None) -> int:
-    if limit is None:
-        return os.cpu_count() or 1
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit}")
-    return limit or (os.cpu_count() or 1)
+@dataclass
+class Launch:
+    """What a launched call holds until it finishes: its context hook and progress bar."""
+
+    ctx: Context | None = None
+    token: int | None = None
+    bar: Progress | None = None
 
 
-def _check_memory(memory_limit: int | None) -> int | None:
-    if memory_limit is None:
-        return None
-    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-        raise TypeError(f"memory_limit must be an int (bytes) or None, not {memory_limit!r}")
-    if memory_limit <= 0:
-        raise ValueError(f"memory_limit must be > 0 bytes, not {memory_limit}")
-    return memory_limit
+class Caller:
+    """The machinery of one alloter's calls: its options, its runner, its batches.
 
-
-class BatchAlloter:
-    """The calls of an alloter; a subclass says how a batch's tasks are run.
-
-    Subclasses set the options below in ``__init__`` and implement :meth:`_submit`
-    (hand a batch to the runner, which reports every task's fate to the batch) and
-    :meth:`close`.
+    ``parallelism`` is how many tasks may run at once (chunk sizes and read-ahead
+    are cut for it); ``blob_most`` is the size up to which a call's tasks are pickled
+    together as one blob (0: each task on its own).
     """
 
-    _limit: int
-    _timeout: float | None
-    _cancel_grace: float
-    _memory_limit: int | None
-    _progress: bool
-    # Tasks pickled together up to this size travel as one blob (0: one by one).
-    _blob_most: int = BLOB_MOST
-
-    def _set_options(
-        self,
-        limit: int,
-        timeout: float | None,
-        cancel_grace: float | None,
-        memory_limit: int | None,
-        progress: bool,
+    def __init__(
+        self, options: CallOptions, runner: Runner, parallelism: int, blob_most: int = BLOB_MOST
     ) -> None:
-        self._limit = limit
-        self._timeout = _check_seconds("timeout", timeout)
-        grace = _check_seconds("cancel_grace", cancel_grace, allow_zero=True)
-        self._cancel_grace = 0.0 if grace is None else grace
-        self._memory_limit = _check_memory(memory_limit)
-        self._progress = bool(progress)
+        self.options = options
+        self.runner = runner
+        self.parallelism = parallelism
+        self.blob_most = blob_most
 
-    def _submit(self, batch: Batch) -> None:
-        """Hand ``batch`` to the runner (it must settle every slot, come what may)."""
-        raise NotImplementedError
+    def with_options(self, options: CallOptions) -> Caller:
+        """The same runner and parallelism, other options."""
+        return Caller(options, self.runner, self.parallelism, self.blob_most)
 
-    def close(self) -> None:
-        """Release what this alloter holds."""
-        raise NotImplementedError
+    # -- a whole call --------------------------------------------------------------
 
-    # -- properties ------------------------------------------------------------
+    def call(self, tasks: Sequence[Callable[[], Any]], ctx: Context | None) -> list[Any]:
+        """Run ``tasks``; their results in order, or raise the call's outcome."""
+        batch = self.prepare(tasks, ctx)
+        self.run(batch, ctx, len(tasks))
+        return batch.results()
 
-    @property
-    def limit(self) -> int:
-        """The most tasks of this alloter that run at once."""
-        return self._limit
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds for one whole call, or ``None``."""
-        return self._timeout
-
-    # -- running ---------------------------------------------------------------
-
-    def exec(self, *tasks: Callable[[], Any]) -> list[Any]:
-        """Run every task; return their results in task order.
-
-        Raises :class:`TaskError` (or :class:`WorkerCrashed`) as soon as the first
-        task fails, :class:`ExecTimeout` when the timeout passes; in both cases the
-        other tasks are ended.
-        """
-        return self._call(tasks, None)
-
-    def exec_with_context(self, ctx: Context, *tasks: Callable[[], Any]) -> list[Any]:
-        """Like :meth:`exec`, ended by ``ctx``: :class:`Cancelled` when it is
-        cancelled, :class:`ExecTimeout` when its deadline passes."""
-        if not isinstance(ctx, Context):
-            raise TypeError(f"ctx must be an alloter_mp.Context, not {type(ctx).__name__}")
-        return self._call(tasks, ctx)
-
-    def exec_report(self, *tasks: Callable[[], Any], ctx: Context | None = None) -> Report:
-        """Run like :meth:`exec`, but return a :class:`Report` instead of raising.
-
-        The report is complete: it waits until every task has ended (returned,
-        been killed or been skipped) and says what each one cost.
-        """
+    def report(self, tasks: Sequence[Callable[[], Any]], ctx: Context | None) -> Report:
+        """Run ``tasks`` and wait until every one has settled; never raises for a task."""
         started = time.perf_counter()
-        batch = self._prepare(tasks, ctx, measure=True)
-        self._run(batch, ctx, len(tasks), settle=True)
+        batch = self.prepare(tasks, ctx, measure=True)
+        self.run(batch, ctx, len(tasks), settle=True)
         return build_report(batch, time.perf_counter() - started)
 
     def map(
-        self, fn: Callable[[T], R], iterable: Iterable[T], *, chunksize: int | None = None
-    ) -> list[R]:
-        """``fn(item)`` for every item, results in order, with the outcomes of :meth:`exec`.
-
-        A failure's ``TaskError.index`` is the item's position. Items travel in chunks
-        (``chunksize=None`` picks a size) so that tiny functions run at full speed.
-        """
-        if not isinstance(iterable, Sized):
-            return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
-        self._check_map_args(fn, chunksize)
+        self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None
+    ) -> list[Any]:
+        """``fn`` over a sequence, cut into chunks; results in order."""
         started = time.monotonic()
-        # A sequence is sliced as it is (a range stays a range); anything else is listed.
-        source: Any = iterable
-        items = source if isinstance(source, Sequence) else list(source)
-        chunks = _mapping.chunk_list(fn, items, chunksize, self._limit)
+        chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
             return []
-        batch = self._prepare(chunks, None, started=started, locate=_mapping.first_unpicklable_item)
-        batch.even = True
+        batch = self.prepare(chunks, None, started=started, locate=_mapping.first_unpicklable_item)
+        batch.chunked = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
-        self._run(batch, None, len(iterable))
+        self.run(batch, None, len(items))
         return list(itertools.chain.from_iterable(batch.results()))
 
-    def imap(
-        self,
-        fn: Callable[[T], R],
-        iterable: Iterable[T],
-        *,
-        chunksize: int | None = None,
-        ordered: bool = True,
-    ) -> Iterator[R]:
-        """Like :meth:`map`, yielding results as they come.
+    # -- the steps ---------------------------------------------------------------
 
-        In input order, or in completion order with ``ordered=False``. The iterable
-        is read lazily with a bounded number of items in flight. Closing the iterator
-        early ends the outstanding work; the timeout counts from this call.
-        """
-        self._check_map_args(fn, chunksize)
-        return _mapping.imap(self, fn, iterable, chunksize, ordered)
-
-    @staticmethod
-    def _check_map_args(fn: object, chunksize: object) -> None:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        if chunksize is not None:
-            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-                raise TypeError("chunksize must be a positive int or None")
-            if chunksize <= 0:
-                raise ValueError("chunksize must be > 0")
-
-    def __enter__(self: _A) -> _A:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- one call ----------------------------------------------------------------
-
-    def _call(self, tasks: tuple[Callable[[], Any], ...], ctx: Context | None) -> list[Any]:
-        batch = self._prepare(tasks, ctx)
-        self._run(batch, ctx, len(tasks))
-        return batch.results()
-
-    def _prepare(
+    def prepare(
         self,
         tasks: Sequence[Callable[[], Any]],
         ctx: Context | None,
@@ -222,17 +121,17 @@ class BatchAlloter:
         if started is None:
             started = time.monotonic()  # the call's timeout counts pickling too
         payloads, blob = self._payloads(tasks, locate)
-        batch = self._new_batch(payloads, ctx, measure=measure, started=started)
+        batch = self.new_batch(payloads, ctx, measure=measure, started=started)
         batch.blob = blob
         return batch
 
-    def _run(self, batch: Batch, ctx: Context | None, total: int, *, settle: bool = False) -> None:
+    def run(self, batch: Batch, ctx: Context | None, total: int, *, settle: bool = False) -> None:
         """Submit ``batch`` and wait for its outcome (and, with ``settle``, every task)."""
-        token = self._launch(batch, ctx, total)
+        launch = self.launch(batch, ctx, total)
         try:
-            self._wait(batch, settle=settle)
+            self.wait(batch, settle=settle)
         finally:
-            self._finish(batch, ctx, token)
+            self.finish(launch)
 
     def _payloads(
         self,
@@ -248,12 +147,12 @@ class BatchAlloter:
         for i, task in enumerate(tasks):
             if not callable(task):
                 raise TypeError(f"task {i} is not callable: {task!r}")
-        if len(tasks) > 1 and self._blob_most > 0:
+        if len(tasks) > 1 and self.blob_most > 0:
             try:
                 blob = _transport.dumps_tasks(tasks)
             except Exception:
                 blob = None  # find which task fails below
-            if blob is not None and len(blob) <= self._blob_most:
+            if blob is not None and len(blob) <= self.blob_most:
                 return [None] * len(tasks), blob
         payloads = []
         for i, task in enumerate(tasks):
@@ -265,7 +164,7 @@ class BatchAlloter:
                 raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
         return payloads, None
 
-    def _new_batch(
+    def new_batch(
         self,
         payloads: list[Any],
         ctx: Context | None,
@@ -274,14 +173,16 @@ class BatchAlloter:
         open_input: bool = False,
         started: float | None = None,
     ) -> Batch:
+        """A batch with the call's deadline (the sooner of the timeout and ``ctx``'s)."""
         if ctx is not None:
             if ctx.cancelled:
                 raise _cancelled_error(ctx)
             if ctx.expired:
                 raise ExecTimeout("the context's deadline had passed before the call")
+        options = self.options
         now = time.monotonic() if started is None else started
-        deadline = None if self._timeout is None else now + self._timeout
-        message = f"the call did not finish within its timeout of {self._timeout} s"
+        deadline = None if options.timeout is None else now + options.timeout
+        message = f"the call did not finish within its timeout of {options.timeout} s"
         if (
             ctx is not None
             and ctx.deadline is not None
@@ -292,32 +193,32 @@ class BatchAlloter:
         return Batch(
             payloads,
             deadline=deadline,
-            cancel_grace=self._cancel_grace,
+            cancel_grace=options.cancel_grace,
             timeout_message=message,
-            measure=measure or self._memory_limit is not None,
+            measure=measure or options.memory_limit is not None,
+            memory_limit=options.memory_limit,
             open_input=open_input,
         )
 
-    def _launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Any:
-        """Submit ``batch``; returns what :meth:`_finish` needs to clean up."""
+    def launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Launch:
+        """Submit ``batch``: from here on its tasks may run. :meth:`finish` cleans up."""
+        launch = Launch(ctx)
         if batch.decided.is_set():
-            return (None, None)
-        bar = attach_progress(batch, total) if self._progress else None
-        token = None
+            return launch
+        if self.options.progress:
+            launch.bar = attach_progress(batch, total)
         if ctx is not None:
-            token = ctx._on_cancel(lambda: batch.cancel(_cancelled_error(ctx)))
+            launch.token = _context.on_cancel(ctx, lambda: batch.cancel(_cancelled_error(ctx)))
         try:
-            self._submit(batch)
+            self.runner.submit(batch)
         except BaseException:
-            if ctx is not None:
-                ctx._remove_callback(token)
-            if bar is not None:
-                bar.close()
+            self.finish(launch)
             raise
-        return (token, bar)
+        return launch
 
     @staticmethod
-    def _wait(batch: Batch, *, settle: bool) -> None:
+    def wait(batch: Batch, *, settle: bool) -> None:
+        """Wait for the outcome (``settle``: for every task); an escape ends the call."""
         try:
             batch.wait_decided()
             if settle:
@@ -328,12 +229,115 @@ class BatchAlloter:
             raise
 
     @staticmethod
-    def _finish(batch: Batch, ctx: Context | None, token: Any) -> None:
-        cancel_token, bar = token
-        if ctx is not None:
-            ctx._remove_callback(cancel_token)
-        if bar is not None:
-            bar.close()
+    def finish(launch: Launch) -> None:
+        """Undo what :meth:`launch` set up."""
+        if launch.ctx is not None:
+            _context.remove_callback(launch.ctx, launch.token)
+            launch.ctx = None
+        if launch.bar is not None:
+            launch.bar.close()
+            launch.bar = None
+
+
+class BatchAlloter:
+    """The calls of an alloter; a subclass says which runner runs its batches.
+
+    A subclass sets ``_caller`` (a :class:`Caller` over its runner and options) and
+    ``_limit``, and implements :meth:`close`.
+    """
+
+    _caller: Caller
+    _limit: int | None
+
+    def close(self) -> None:
+        """Release what this alloter holds."""
+        raise NotImplementedError
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def limit(self) -> int | None:
+        """The most tasks of this alloter that run at once (``None``: no limit)."""
+        return self._limit
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds for one whole call, or ``None``."""
+        return self._caller.options.timeout
+
+    # -- running ---------------------------------------------------------------
+
+    def exec(self, *tasks: Callable[[], Any]) -> list[Any]:
+        """Run every task; return their results in task order.
+
+        Raises :class:`TaskError` (or :class:`WorkerCrashed`) as soon as the first
+        task fails, :class:`ExecTimeout` when the timeout passes; in both cases the
+        other tasks are ended.
+        """
+        return self._caller.call(tasks, None)
+
+    def exec_with_context(self, ctx: Context, *tasks: Callable[[], Any]) -> list[Any]:
+        """Like :meth:`exec`, ended by ``ctx``: :class:`Cancelled` when it is
+        cancelled, :class:`ExecTimeout` when its deadline passes."""
+        if not isinstance(ctx, Context):
+            raise TypeError(f"ctx must be an alloter_mp.Context, not {type(ctx).__name__}")
+        return self._caller.call(tasks, ctx)
+
+    def exec_report(self, *tasks: Callable[[], Any], ctx: Context | None = None) -> Report:
+        """Run like :meth:`exec`, but return a :class:`Report` instead of raising.
+
+        The report is complete: it waits until every task has ended (returned,
+        been killed or been skipped) and says what each one cost.
+        """
+        if ctx is not None and not isinstance(ctx, Context):
+            raise TypeError(f"ctx must be an alloter_mp.Context, not {type(ctx).__name__}")
+        return self._caller.report(tasks, ctx)
+
+    def map(
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, chunksize: int | None = None
+    ) -> list[R]:
+        """``fn(item)`` for every item, results in order, with the outcomes of :meth:`exec`.
+
+        A failure's ``TaskError.index`` is the item's position. Items travel in chunks
+        (``chunksize=None`` picks a size) so that tiny functions run at full speed.
+        """
+        if not isinstance(iterable, Sized):
+            return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
+        _check_fn(fn)
+        chunksize = check_chunksize(chunksize)
+        # A sequence is sliced as it is (a range stays a range); anything else is listed.
+        source: Any = iterable
+        items = source if isinstance(source, Sequence) else list(source)
+        return self._caller.map(fn, items, chunksize)
+
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+    ) -> Iterator[R]:
+        """Like :meth:`map`, yielding results as they come.
+
+        In input order, or in completion order with ``ordered=False``. The iterable
+        is read lazily with a bounded number of items in flight. Closing the iterator
+        early ends the outstanding work; the timeout counts from this call.
+        """
+        _check_fn(fn)
+        chunksize = check_chunksize(chunksize)
+        return _mapping.imap(self._caller, fn, iterable, chunksize, ordered)
+
+    def __enter__(self: _A) -> _A:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_fn(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
 
 
 def _cancelled_error(ctx: Context) -> Cancelled:

@@ -289,10 +289,11 @@ def _keep_going(
     failed = 0
     pending: deque[tuple[int, Future[tuple[bool, str, str]]]] = deque()
     feed = iter(values)
-    with ThreadPoolExecutor(max_workers=alloter.limit, thread_name_prefix="alloter-call") as pool:
+    limit = alloter.limit or 1  # a ProcessAlloter always has one
+    with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="alloter-call") as pool:
         try:
             while True:
-                while len(pending) < 2 * alloter.limit:
+                while len(pending) < 2 * limit:
                     item = next(feed, None)
                     if item is None:
                         break

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Context"]
+__all__ = ["Context", "on_cancel", "remove_callback"]
 
 
 class Context:
@@ -112,7 +112,7 @@ class Context:
         """A new context cancelled with this one, whose deadline is the sooner of both."""
         return Context(timeout=timeout, parent=self)
 
-    # -- for the alloters ----------------------------------------------------
+    # -- for children and the alloters (see on_cancel) -------------------------
 
     def _adopt(self, child: Context) -> None:
         with self._lock:
@@ -141,3 +141,16 @@ class Context:
         left = self.time_left()
         extra = "" if left is None else f", {left:.3f}s left"
         return f"<Context {state}{extra}>"
+
+
+def on_cancel(ctx: Context, callback: Callable[[], object]) -> int | None:
+    """Call ``callback`` once when ``ctx`` is cancelled (at once if it already is).
+
+    Returns a token for :func:`remove_callback` (``None`` if it already ran).
+    """
+    return ctx._on_cancel(callback)
+
+
+def remove_callback(ctx: Context, token: int | None) -> None:
+    """Forget a callback registered with :func:`on_cancel`."""
+    ctx._remove_callback(token)

@@ -1,9 +1,10 @@
 """The parent's handle on one worker process: start it, stop it, kill it, measure it.
 
 Besides the process, a handle carries the supervisor's bookkeeping for that worker:
-which slots it holds (``pipeline``, in the order it runs them), for which batch and
-which alloter (``owner``), and why it is being killed. Only the supervisor thread
-changes a handle; ``stats()`` reads it from other threads.
+which tasks it holds (``pipeline``: ``(seq, slot)`` in the order it runs them), for
+which call (``run``), its shared words (:mod:`alloter_mp._words`), and why it is
+being killed. Only the supervisor thread changes a handle; ``stats()`` reads it
+from other threads.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import _proctree, _transport, _worker
-from ._batch import Batch, Slot
+from . import _proctree, _transport, _words, _worker
+from ._batch import Slot
+from ._states import KillReason
 
 if TYPE_CHECKING:
-    from ._pool import _Owner
+    from ._pool import PoolRun
 
 __all__ = ["KILL_ESCALATION", "WorkerHandle", "WorkerStats"]
 
@@ -44,43 +46,45 @@ class WorkerHandle:
     """One worker process and what the supervisor knows about it."""
 
     __slots__ = (
-        "batch",
         "blob_id",
         "conn",
         "conn_open",
         "cpu_seen",
-        "flag",
         "inflight",
         "init_error",
         "kill_deadline",
         "kill_reason",
         "mem_peak",
-        "owner",
         "pid",
         "pipeline",
         "proc",
         "ps",
+        "run",
         "sentinel",
+        "seq",
         "stopping",
         "tasks_done",
         "tree",
+        "words",
+        "words_array",
     )
 
-    def __init__(self, proc: Any, conn: Any, flag: Any) -> None:
+    def __init__(self, proc: Any, conn: Any, words: Any) -> None:
         self.proc = proc
         self.pid: int = proc.pid
         self.conn = conn
         self.conn_open = True
         self.sentinel = proc.sentinel
-        self.flag = flag
-        self.pipeline: deque[Slot] = deque()
-        self.batch: Batch | None = None
+        self.words_array = words  # keeps the shared memory alive
+        self.words = _words.view(words)
+        self.pipeline: deque[tuple[int, Slot]] = deque()  # (seq, slot), in running order
+        self.seq = 0  # the seq of the last task sent
+        self.run: PoolRun | None = None  # the call whose tasks it holds
         self.blob_id = 0  # the batch whose task list this worker already has
-        self.owner: _Owner | None = None
         self.inflight = 0
         self.tasks_done = 0
         self.stopping = False
-        self.kill_reason: str | None = None  # "end" | "memory" | "close"
+        self.kill_reason: KillReason | None = None
         self.kill_deadline: float | None = None
         self.tree: list[psutil.Process] = []
         self.mem_peak = 0
@@ -94,16 +98,16 @@ class WorkerHandle:
     ) -> WorkerHandle:
         """Start a worker process with ``ctx`` (a multiprocessing context)."""
         parent_conn, child_conn = ctx.Pipe(duplex=True)
-        flag = ctx.RawArray("q", 3)  # cancelled batch, chunk offset, running task + 1
+        words = _words.new_words(ctx)
         proc = ctx.Process(
             target=_worker.worker_main,
-            args=(child_conn, flag, lifeline_r, lifeline_w, init_payload),
+            args=(child_conn, words, lifeline_r, lifeline_w, init_payload),
             name="alloter_mp-worker",
             daemon=False,
         )
         proc.start()
         child_conn.close()
-        return cls(proc, parent_conn, flag)
+        return cls(proc, parent_conn, words)
 
     @property
     def idle(self) -> bool:
@@ -121,7 +125,7 @@ class WorkerHandle:
             return False
         return True
 
-    def kill(self, reason: str, now: float, *, hard: bool = False) -> None:
+    def kill(self, reason: KillReason, now: float, *, hard: bool = False) -> None:
         """End the worker and every process its task started.
 
         SIGTERM first, SIGKILL at ``kill_deadline`` (see :meth:`escalate`); ``hard``

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import _transport, _worker
+from . import _task, _transport, _words
 from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
 
 if TYPE_CHECKING:
-    from ._calls import BatchAlloter
+    from ._calls import Caller, Launch
 
 __all__ = ["Chunk", "imap"]
 
@@ -49,10 +49,11 @@ class Chunk:
     def __call__(self) -> list[Any]:
         fn = self.fn
         items = self.items
-        shared = _worker.chunk_view()
+        shared = _task.chunk_words()
         if shared is None:  # not in a pool worker (on Ray, or called directly)
             return self._run_slowly()
         words, batch_id = shared
+        cancel, item = _words.CANCEL_BATCH, _words.ITEM
         out: list[Any] = []
         append = out.append
         offset = 0
@@ -61,10 +62,10 @@ class Chunk:
             # item; cancellation is looked at once per block, which keeps the loop
             # close to a plain map for tiny items.
             for start in range(0, len(items), _BLOCK):
-                if words[0] == batch_id:
+                if words[cancel] == batch_id:
                     raise Cancelled("the call was cancelled")
                 for offset in range(start, min(start + _BLOCK, len(items))):
-                    words[1] = offset
+                    words[item] = offset
                     append(fn(items[offset]))
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -81,7 +82,7 @@ class Chunk:
         offset = 0
         try:
             for offset, item in enumerate(items):
-                if offset % _BLOCK == 0 and _worker.cancelled():
+                if offset % _BLOCK == 0 and _task.cancelled():
                     raise Cancelled("the call was cancelled")
                 out.append(fn(item))
         except BaseException as exc:
@@ -114,23 +115,25 @@ def _auto_chunksize(length: int | None, workers: int) -> int | None:
 
 
 def imap(
-    alloter: BatchAlloter,
+    caller: Caller,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any],
     chunksize: int | None,
     ordered: bool,
 ) -> Iterator[Any]:
-    """The body of ``ProcessAlloter.imap`` (arguments already checked)."""
+    """The body of ``imap`` (arguments already checked)."""
     length = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-    size = chunksize or _auto_chunksize(length, alloter.limit)
-    batch = alloter._new_batch([], None, open_input=True)
-    return _Feeder(alloter, fn, iter(iterable), size, ordered, batch, length).run()
+    size = chunksize or _auto_chunksize(length, caller.parallelism)
+    batch = caller.new_batch([], None, open_input=True)
+    return _Feeder(caller, fn, iter(iterable), size, ordered, batch, length).run()
 
 
 class _Feeder:
+    """Feeds an open batch chunk by chunk, ahead of the consumer, and yields results."""
+
     def __init__(
         self,
-        alloter: BatchAlloter,
+        caller: Caller,
         fn: Callable[[Any], Any],
         items: Iterator[Any],
         size: int | None,
@@ -138,7 +141,7 @@ class _Feeder:
         batch: Batch,
         total: int | None,
     ) -> None:
-        self.alloter = alloter
+        self.caller = caller
         self.fn = fn
         self.items = items
         self.fixed = size
@@ -146,26 +149,23 @@ class _Feeder:
         self.ordered = ordered
         self.batch = batch
         self.done: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
-        self.ahead = 2 * alloter.limit + 2
+        self.ahead = 2 * caller.parallelism + 2
         self.next_item = 0
         self.exhausted = False
         self.total = total  # items, when the input has a length (for the progress bar)
 
     def run(self) -> Iterator[Any]:
         batch = self.batch
-        token: Any = (None, None)
+        launch: Launch | None = None
         try:
-            token = self.alloter._launch(batch, None, self.total)
-            bar = token[1]
-            batch.on_slot_done = self._slot_done_with(bar)
+            launch = self.caller.launch(batch, None, self.total)
+            batch.on_slot_done = self._slot_done_with(launch.bar)
             batch.on_decided = lambda: self.done.put(None)
             yield from self._loop()
-        except BaseException:
-            batch.cancel(Cancelled("the iterator was closed before the end"))
-            raise
         finally:
             batch.cancel(Cancelled("the iterator was closed before the end"))
-            self.alloter._finish(batch, None, token)
+            if launch is not None:
+                self.caller.finish(launch)
 
     def _slot_done_with(self, bar: Any) -> Callable[[Slot], None]:
         put = self.done.put

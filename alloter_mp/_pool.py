@@ -9,8 +9,10 @@ Data flow::
       Batch(slots, deadline) ---> inbox + wake-up pipe
       wait on batch.decided       wait() on worker pipes, worker sentinels,
       (expires it at deadline)    the wake-up pipe and the nearest timer
-                                    dispatch: (batch, slots) ---------------> run in order,
-                                                                             skip cancelled batch
+                                    dispatch: (batch, [(seq, task)]) -------> run in order,
+                                                                             say in shared words
+                                                                             which seq runs;
+                                                                             skip an ended batch
                                     results  <------------------------------ (ok | err | skipped)
                                     batch.task_returned / task_failed
                                     batch ended -> set cancel flags, at the
@@ -28,11 +30,12 @@ What happens, by actor:
   on each worker's pipe and process sentinel plus a wake-up pipe of its own, with
   the nearest timer (deadline, grace, kill escalation, memory sample) as timeout.
   Results, deaths, new batches and endings are all events of that one loop. It
-  records exactly which worker holds which slots (``WorkerHandle.pipeline``), so every
-  death settles every task the worker could hold.
+  records exactly which worker holds which tasks (``WorkerHandle.pipeline``), so every
+  death settles every task the worker could hold: the one running is blamed, those
+  it never started (as its shared words tell) go back to the queue.
 * A worker runs the tasks it is sent in order and reports each one. Several small
   tasks of one batch may be sent ahead to a worker so that tiny tasks do not pay a
-  round trip each; a worker holds tasks of one batch at a time, so one shared flag
+  round trip each; a worker holds tasks of one batch at a time, so one shared word
   per worker ("this batch is cancelled") is enough to make it skip what it holds.
 
 The batch rules (who failed first, which tasks are skipped, cancelled or timed out)
@@ -58,8 +61,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _transport, _worker
-from ._batch import Batch, Slot, report_outcome
+from . import _task, _transport, _words, _worker
+from ._batch import Batch, Slot
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -68,8 +71,11 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
+from ._options import check_count, check_limit, default_limit
+from ._outcome import report_outcome
+from ._states import KillReason
 
-__all__ = ["DEFAULT_START_METHOD", "WorkerPool"]
+__all__ = ["DEFAULT_START_METHOD", "PoolRun", "Quota", "WorkerPool", "elastic_pool", "submit"]
 
 
 def _default_start_method() -> str:
@@ -114,30 +120,33 @@ AHEAD_MOST = 256
 STOP_WAIT = 2.0
 
 
-class _Owner:
-    """An alloter's share of a pool: at most ``limit`` workers busy with its tasks."""
+class Quota:
+    """An alloter's share of a pool: at most ``limit`` workers busy with its tasks.
 
-    __slots__ = ("active", "limit", "memory_limit")
+    Alloters made from one another (``with_options``) share one quota, and so one
+    limit; ``None`` means no limit of its own (the pool's size still bounds it).
+    """
 
-    def __init__(self, limit: int | None, memory_limit: int | None = None) -> None:
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.active = 0
-        self.memory_limit = memory_limit
 
     def full(self) -> bool:
         return self.limit is not None and self.active >= self.limit
 
 
-class _Run:
+class PoolRun:
     """The pool's bookkeeping for one batch it runs."""
 
-    __slots__ = ("avg_wall", "end_handled", "memory_limit", "owner")
+    __slots__ = ("avg_wall", "batch", "end_handled", "quota")
 
-    def __init__(self, owner: _Owner, memory_limit: int | None) -> None:
-        self.owner = owner
-        self.memory_limit = memory_limit
-        self.end_handled = False
-        self.avg_wall: float | None = None
+    def __init__(self, batch: Batch, quota: Quota) -> None:
+        self.batch = batch
+        self.quota = quota
+        self.end_handled = False  # the workers holding its tasks were told it ended
+        self.avg_wall: float | None = None  # the batch's task times, for sending ahead
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -170,9 +179,8 @@ class WorkerPool:
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         max_tasks_per_worker: int | None = None,
-        _elastic: bool = False,
     ) -> None:
-        self._size = _check_count("size", size, default=os.cpu_count() or 1)
+        self._size = check_limit("size", size) or default_limit()
         method = start_method if start_method is not None else _default_for_this_main()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -183,10 +191,7 @@ class WorkerPool:
             raise TypeError("initializer must be callable")
         initargs = tuple(initargs)
         if max_tasks_per_worker is not None:
-            if isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int):
-                raise TypeError("max_tasks_per_worker must be a positive int or None")
-            if max_tasks_per_worker <= 0:
-                raise ValueError("max_tasks_per_worker must be > 0")
+            check_count("max_tasks_per_worker", max_tasks_per_worker, allow_zero=False)
         self.start_method = method
         self._ctx: Any = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -195,11 +200,12 @@ class WorkerPool:
             _transport.dumps((initializer, initargs)) if initializer is not None else None
         )
         self._max_tasks = max_tasks_per_worker
-        self._elastic = _elastic
+        # An elastic pool (an Alloter's) starts a worker per task; see elastic_pool().
+        self._elastic = False
         self._pid = os.getpid()
 
         self._lock = threading.Lock()
-        self._inbox: deque[tuple[Batch, _Owner, int | None]] = deque()
+        self._inbox: deque[PoolRun] = deque()
         self._closing = False
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -210,7 +216,7 @@ class WorkerPool:
 
         # Owned by the supervisor thread.
         self._workers: list[WorkerHandle] = []
-        self._batches: list[Batch] = []
+        self._runs: list[PoolRun] = []
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
         self._selector = selectors.DefaultSelector()
@@ -264,7 +270,7 @@ class WorkerPool:
 
     # -- for the alloters --------------------------------------------------------
 
-    def _submit(self, batch: Batch, owner: _Owner, memory_limit: int | None = None) -> None:
+    def _submit(self, batch: Batch, quota: Quota) -> None:
         if os.getpid() != self._pid:
             raise RuntimeError("a WorkerPool cannot be used from a forked child process")
         batch.notify = self._wake
@@ -273,7 +279,7 @@ class WorkerPool:
                 raise AlloterError("the pool is closed")
             if self._broken is not None:
                 raise AlloterError("the pool's supervisor failed") from self._broken
-            self._inbox.append((batch, owner, memory_limit))
+            self._inbox.append(PoolRun(batch, quota))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
@@ -294,9 +300,9 @@ class WorkerPool:
             self._broken = exc
             traceback.print_exc(file=sys.stderr)
             error = AlloterError(f"the pool's supervisor failed: {exc!r}")
-            for batch in list(self._batches) + [b for b, _, _ in self._inbox]:
-                batch.fail(error)
-                batch.abandon()  # nobody will report on its tasks any more
+            for run in [*self._runs, *self._inbox]:
+                run.batch.fail(error)
+                run.batch.abandon()  # nobody will report on its tasks any more
             for w in list(self._workers):
                 w.kill_now()
         finally:
@@ -310,8 +316,8 @@ class WorkerPool:
             if self._closing:
                 if stop_deadline is None:
                     stop_deadline = now + STOP_WAIT
-                    for batch in self._batches:
-                        batch.cancel(Cancelled("the pool was closed"))
+                    for run in self._runs:
+                        run.batch.cancel(Cancelled("the pool was closed"))
                 for w in self._workers:
                     if w.idle:
                         self._stop(w)  # also those that became idle since
@@ -320,7 +326,7 @@ class WorkerPool:
                 if now >= stop_deadline:
                     for w in self._workers:
                         if w.kill_reason is None:
-                            w.kill("close", now, hard=True)
+                            w.kill(KillReason.CLOSE, now, hard=True)
             self._check_timers(now)
             self._handle_endings(now)
             if not self._closing:
@@ -348,21 +354,20 @@ class WorkerPool:
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            batch, owner, memory_limit = self._inbox.popleft()
-            batch.runner_state = _Run(owner, memory_limit)
-            self._batches.append(batch)
+            self._runs.append(self._inbox.popleft())
 
     # -- timers ----------------------------------------------------------------
 
     def _next_timer(self) -> float | None:
         times: list[float] = []
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if not batch.ending:
                 if batch.deadline is not None:
                     times.append(batch.deadline)
             elif not batch.settled.is_set():
                 grace = batch.grace_deadline
-                if grace is not None and any(w.batch is batch for w in self._workers):
+                if grace is not None and any(w.run is run for w in self._workers):
                     times.append(grace)
         for w in self._workers:
             if w.kill_deadline is not None:
@@ -372,7 +377,8 @@ class WorkerPool:
         return min(times) if times else None
 
     def _check_timers(self, now: float) -> None:
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if not batch.ending and batch.deadline is not None and now >= batch.deadline:
                 batch.expire()
         for w in self._workers:
@@ -389,62 +395,62 @@ class WorkerPool:
             return
         w.mem_peak = max(w.mem_peak, rss)
         if rss > limit:
-            w.kill("memory", now, hard=True)
+            w.kill(KillReason.MEMORY, now, hard=True)
 
     def _handle_endings(self, now: float) -> None:
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if not batch.ending:
                 continue
-            run: _Run = batch.runner_state
-            holders = [w for w in self._workers if w.batch is batch]
+            holders = [w for w in self._workers if w.run is run]
             if not run.end_handled:
                 run.end_handled = True
                 for w in holders:
-                    w.flag[0] = batch.id
+                    w.words[_words.CANCEL_BATCH] = batch.id
             grace = batch.grace_deadline
             if holders and grace is not None and now >= grace:
                 for w in holders:
                     if w.kill_reason is None:
-                        w.kill("end", now)
+                        w.kill(KillReason.END, now)
 
     def _forget_settled(self) -> None:
-        if any(b.settled.is_set() for b in self._batches):
-            self._batches = [
-                b
-                for b in self._batches
-                if not b.settled.is_set() or any(w.batch is b for w in self._workers)
+        if any(run.batch.settled.is_set() for run in self._runs):
+            self._runs = [
+                run
+                for run in self._runs
+                if not run.batch.settled.is_set() or any(w.run is run for w in self._workers)
             ]
 
     # -- dispatch ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if batch.ending or not batch.has_queued():
                 continue
-            run: _Run = batch.runner_state
-            owner = run.owner
-            depth = _ahead_depth(batch, run)
+            quota = run.quota
+            depth = _ahead_depth(run)
             # Idle (or new) workers first; only then send ahead to busy ones, so a
             # task never waits behind another while a worker could run it.
             for w in self._workers:
-                if not batch.has_queued() or owner.full():
+                if not batch.has_queued() or quota.full():
                     break
-                if w.idle and w.batch is None:
-                    self._send(w, batch, batch.take(min(depth, self._share(batch))))
-            while batch.has_queued() and not owner.full() and self._can_spawn():
+                if w.idle and w.run is None:
+                    self._send(w, run, batch.take(min(depth, self._share(batch))))
+            while batch.has_queued() and not quota.full() and self._can_spawn():
                 try:
                     w = self._spawn()
                 except Exception as exc:  # out of processes or descriptors, say
-                    if not any(x.batch is batch for x in self._workers):
+                    if not any(x.run is run for x in self._workers):
                         batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
                     break
-                self._send(w, batch, batch.take(min(depth, self._share(batch))))
+                self._send(w, run, batch.take(min(depth, self._share(batch))))
             if depth > 1 and batch.has_queued():
                 for w in self._workers:
-                    if w.batch is batch and w.kill_reason is None and not w.stopping:
+                    if w.run is run and w.kill_reason is None and not w.stopping:
                         room = depth - len(w.pipeline)
                         if room > 0 and w.inflight < AHEAD_BYTES:
-                            self._send(w, batch, batch.take(min(room, self._share(batch))))
+                            self._send(w, run, batch.take(min(room, self._share(batch))))
         if self._elastic:
             self._trim_idle()
 
@@ -457,38 +463,32 @@ class WorkerPool:
         return self._elastic or live < self._size
 
     def _trim_idle(self) -> None:
-        idle = [w for w in self._workers if w.idle and w.batch is None]
+        idle = [w for w in self._workers if w.idle and w.run is None]
         for w in idle[self._size :]:
             self._stop(w)
 
-    def _send(self, w: WorkerHandle, batch: Batch, slots: list[Slot]) -> None:
+    def _send(self, w: WorkerHandle, run: PoolRun, slots: list[Slot]) -> None:
         if not slots:
             return
-        run: _Run = batch.runner_state
-        if w.batch is None:
-            w.batch = batch
-            w.owner = run.owner
-            run.owner.active += 1
+        batch = run.batch
+        if w.run is None:
+            w.run = run
+            run.quota.active += 1
             w.mem_peak = 0
         blob = None
         if batch.blob is not None and w.blob_id != batch.id:
             blob = batch.blob
             w.blob_id = batch.id
+        items = []
+        for s in slots:
+            w.seq += 1
+            items.append((w.seq, s.index, s.payload))
+            w.pipeline.append((w.seq, s))
+            s.pid = w.pid
         message = pickle.dumps(
-            (
-                _worker.TASKS,
-                batch.id,
-                batch.deadline,
-                batch.measure,
-                blob,
-                [(s.index, s.payload) for s in slots],
-            ),
+            (_worker.TASKS, batch.id, batch.deadline, batch.measure, True, blob, items),
             _transport.PROTOCOL,
         )
-        for s in slots:
-            s.pid = w.pid
-            s.payload = None  # sent: the batch need not keep it
-        w.pipeline.extend(slots)
         w.inflight += len(message)
         try:
             w.conn.send_bytes(message)
@@ -505,7 +505,7 @@ class WorkerPool:
 
     def _stop(self, w: WorkerHandle) -> None:
         if not w.stop():
-            w.kill("close", time.monotonic(), hard=True)
+            w.kill(KillReason.CLOSE, time.monotonic(), hard=True)
 
     # -- events from workers -----------------------------------------------------
 
@@ -533,29 +533,28 @@ class WorkerPool:
             w.init_error = msg[1]
             return
         _, batch_id, items = msg
-        batch = w.batch
-        assert batch is not None and batch.id == batch_id, "result for a batch the worker lacks"
-        run: _Run = batch.runner_state
-        for index, code, body, wall, cpu, peak in items:
-            slot = w.pipeline.popleft()
-            assert slot.index == index, "worker answered out of order"
+        run = w.run
+        assert run is not None and run.batch.id == batch_id, "result for a batch the worker lacks"
+        batch = run.batch
+        for seq, code, body, wall, cpu, peak in items:
+            sent, slot = w.pipeline.popleft()
+            assert sent == seq, "worker answered out of order"
             slot.wall_s, slot.cpu_s, slot.peak_rss = wall, cpu, peak
             if code == _worker.SKIPPED:
                 batch.task_skipped(slot)
                 continue
             w.tasks_done += 1
             run.avg_wall = wall if run.avg_wall is None else 0.8 * run.avg_wall + 0.2 * wall
-            report_outcome(batch, slot, code == _worker.OK, body)
+            report_outcome(batch, slot, code == _task.OK, body)
         if not w.pipeline:
             self._release_worker(w)
             if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
                 self._stop(w)
 
     def _release_worker(self, w: WorkerHandle) -> None:
-        if w.owner is not None:
-            w.owner.active -= 1
-        w.batch = None
-        w.owner = None
+        if w.run is not None:
+            w.run.quota.active -= 1
+        w.run = None
         w.inflight = 0
 
     def _on_death(self, w: WorkerHandle) -> None:
@@ -566,50 +565,13 @@ class WorkerPool:
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
         w.proc.join(0.5)
-        exitcode = w.proc.exitcode
-        batch = w.batch
         # Keep the pool warm: replace a worker that died holding work, was killed or
         # retired. One that died on its own before doing anything (a failing
         # initializer) is replaced only on demand, so a broken setup cannot spin.
         replace = w.init_error is None and bool(w.pipeline or w.kill_reason or w.tasks_done)
-        if w.pipeline and batch is not None:
-            # Tasks before the one that ran returned, but the worker still held their
-            # results back: they died with it. The one that ran is the one to blame.
-            running, lost = int(w.flag[2]) - 1, []
-            if any(s.index == running for s in w.pipeline):
-                while w.pipeline[0].index != running:
-                    lost.append(w.pipeline.popleft())
-            head = w.pipeline.popleft()
-            # A chunk runner keeps the offset of the item it runs in flag[1].
-            index = head.base + int(w.flag[1])
-            if w.kill_reason == "memory":
-                limit = _memory_limit(w) or 0
-                batch.task_failed(
-                    head,
-                    MemoryLimitExceeded(index, limit, w.mem_peak, w.pid, exitcode),
-                    crashed=True,
-                )
-                head.peak_rss = max(head.peak_rss, w.mem_peak)
-            elif w.kill_reason in ("end", "close"):
-                batch.task_killed(head)
-            elif w.init_error is not None:
-                info = w.init_error
-                cause = _transport.rebuild_exception(info)
-                error = TaskError(
-                    index,
-                    f"the worker's initializer failed: {info.type_name}: {info.message}",
-                    info.traceback,
-                )
-                error.__cause__ = cause
-                batch.task_failed(head, error, crashed=True)
-            else:
-                batch.task_failed(head, WorkerCrashed(index, exitcode, w.pid), crashed=True)
-            head.wall_s = head.wall_s or (time.monotonic() - head.started)
-            for slot in lost:
-                batch.task_killed(slot)
-            while w.pipeline:
-                batch.task_skipped(w.pipeline.popleft())
-        if w.batch is not None:
+        if w.pipeline and w.run is not None:
+            self._settle_dead(w, w.run.batch, w.proc.exitcode)
+        if w.run is not None:
             self._release_worker(w)
         self._workers.remove(w)
         self._unwatch_conn(w)
@@ -619,6 +581,68 @@ class WorkerPool:
         if replace and not self._closing and not self._elastic and self._can_spawn():
             with contextlib.suppress(Exception):  # dispatch will try again on demand
                 self._spawn()
+
+    def _settle_dead(self, w: WorkerHandle, batch: Batch, exitcode: int | None) -> None:
+        """Settle every task a dead worker held, as its shared words tell.
+
+        The task it ran (or ran last) is the one the death belongs to; tasks before
+        it returned, but their results were still held back and died with it; tasks
+        it never started go back to the queue: they never ran, so sending them to
+        another worker is no retry (a worker killed while idle blames nobody).
+        """
+        running = int(w.words[_words.RUNNING])
+        started = int(w.words[_words.STARTED])
+        blamed_seq = running or started
+        lost: list[Slot] = []
+        head: Slot | None = None
+        never: list[Slot] = []
+        for seq, slot in w.pipeline:
+            if seq > started:
+                never.append(slot)
+            elif seq == blamed_seq:
+                head = slot
+            else:
+                lost.append(slot)
+        w.pipeline.clear()
+        if head is None and never and w.init_error is not None:
+            head = never.pop(0)  # its initializer failed: the first task tells the caller
+        if head is not None:
+            # A chunk runner keeps the offset of the item it runs in ITEM.
+            offset = int(w.words[_words.ITEM]) if running else 0
+            self._blame(w, batch, head, head.base + offset, exitcode)
+        for slot in lost:
+            batch.task_killed(slot)
+        for slot in never:
+            if not batch.requeue(slot):
+                self._blame(w, batch, slot, slot.base, exitcode)
+
+    def _blame(
+        self, w: WorkerHandle, batch: Batch, slot: Slot, index: int, exitcode: int | None
+    ) -> None:
+        """Settle the task a worker's death belongs to, by why the worker died."""
+        if w.kill_reason is KillReason.MEMORY:
+            limit = _memory_limit(w) or 0
+            batch.task_failed(
+                slot,
+                MemoryLimitExceeded(index, limit, w.mem_peak, w.pid, exitcode),
+                crashed=True,
+            )
+            slot.peak_rss = max(slot.peak_rss, w.mem_peak)
+        elif w.kill_reason in (KillReason.END, KillReason.CLOSE):
+            batch.task_killed(slot)
+        elif w.init_error is not None:
+            info = w.init_error
+            cause = _transport.rebuild_exception(info)
+            error = TaskError(
+                index,
+                f"the worker's initializer failed: {info.type_name}: {info.message}",
+                info.traceback,
+            )
+            error.__cause__ = cause
+            batch.task_failed(slot, error, crashed=True)
+        else:
+            batch.task_failed(slot, WorkerCrashed(index, exitcode, w.pid), crashed=True)
+        slot.wall_s = slot.wall_s or (time.monotonic() - slot.started)
 
     def _release(self) -> None:
         self._selector.close()
@@ -633,28 +657,31 @@ class WorkerPool:
 
 
 def _memory_limit(w: WorkerHandle) -> int | None:
-    if w.batch is None:
-        return None
-    limit: int | None = w.batch.runner_state.memory_limit
-    return limit
+    return None if w.run is None else w.run.batch.memory_limit
 
 
-def _ahead_depth(batch: Batch, run: _Run) -> int:
+def _ahead_depth(run: PoolRun) -> int:
     if run.avg_wall is None:
         # Nothing measured yet: a map's even chunks may go two to a worker, so it
         # never waits for a round trip between them; other tasks go one at a time.
-        return 2 if batch.even else 1
+        return 2 if run.batch.chunked else 1
     return max(1, min(AHEAD_MOST, int(AHEAD_SECONDS / max(run.avg_wall, 1e-6))))
 
 
-def _check_count(name: str, value: int | None, *, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, not {value}")
-    return value or default
+def submit(pool: WorkerPool, batch: Batch, quota: Quota) -> None:
+    """Run ``batch`` on ``pool`` within ``quota``; the pool settles every task."""
+    pool._submit(batch, quota)
+
+
+def elastic_pool(**options: Any) -> WorkerPool:
+    """A pool for an :class:`~alloter_mp.Alloter`: a worker per task, idle ones trimmed.
+
+    Up to ``size`` idle workers are kept warm; beyond that a call may start as many
+    workers as it has tasks, which stop after it.
+    """
+    pool = WorkerPool(**options)
+    pool._elastic = True
+    return pool
 
 
 _preloaded: set[int] = set()

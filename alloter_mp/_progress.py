@@ -12,14 +12,17 @@ import threading
 from typing import Any
 
 from ._batch import Batch, Slot
+from ._states import TaskStatus
 
-__all__ = ["attach_progress"]
+__all__ = ["Progress", "attach_progress"]
 
 # Statuses counted as failures; "cancelled" and "skipped" are shown apart.
-_FAILED = frozenset({"error", "crashed", "timeout"})
+_FAILED = frozenset({TaskStatus.ERROR, TaskStatus.CRASHED, TaskStatus.TIMEOUT})
 
 
-class _Bar:
+class Progress:
+    """A call's progress bar: advanced by the runner's thread as tasks end."""
+
     def __init__(self, batch: Batch, total: int | None, desc: str) -> None:
         from tqdm import tqdm
 
@@ -35,9 +38,9 @@ class _Bar:
                 return
             if slot.status in _FAILED:
                 self._failed += 1
-            elif slot.status != "ok":
+            elif slot.status is not TaskStatus.OK:
                 self._ended += 1
-            if slot.status != "ok":
+            if slot.status is not TaskStatus.OK:
                 postfix = {"failed": self._failed}
                 if self._ended:
                     postfix["cancelled"] = self._ended
@@ -51,8 +54,8 @@ class _Bar:
                 self._bar = None
 
 
-def attach_progress(batch: Batch, total: int | None, desc: str = "alloter_mp") -> _Bar:
+def attach_progress(batch: Batch, total: int | None, desc: str = "alloter_mp") -> Progress:
     """Show a bar for ``batch``; the caller closes it when the call returns."""
-    bar = _Bar(batch, total, desc)
+    bar = Progress(batch, total, desc)
     batch.on_slot_done = bar.slot_done
     return bar

@@ -6,7 +6,7 @@ arrived or ended" — with the nearest timer (a deadline, the end of a grace per
 as its timeout, and on each turn:
 
 * settles finished tasks: the task's own outcome through
-  :func:`~alloter_mp._batch.report_outcome`, a dead worker as
+  :func:`~alloter_mp._outcome.report_outcome`, a dead worker as
   :class:`WorkerCrashed` (or :class:`MemoryLimitExceeded` when the task's memory
   guard recorded a kill), a task it force-cancelled as killed;
 * for a batch that has ended: tells the :class:`~alloter_mp._ray_task.Board`, on
@@ -34,8 +34,9 @@ import uuid
 from collections import deque
 from typing import Any
 
-from ._batch import Batch, Slot, report_outcome
+from ._batch import Batch, Slot
 from ._errors import AlloterError, Cancelled, MemoryLimitExceeded, TaskError, WorkerCrashed
+from ._outcome import report_outcome
 from ._ray_task import Board, run_task
 
 __all__ = ["RayRunner", "import_ray"]
@@ -112,25 +113,21 @@ class _Running:
     """One task handed to Ray."""
 
     __slots__ = (
-        "batch",
         "confirm",
         "forced_at",
         "handed",
         "killed_at",
-        "payload",
         "ref",
+        "run",
         "slot",
         "told",
     )
 
-    def __init__(
-        self, batch: Batch, slot: Slot, ref: Any, payload: bytes, handed: int, confirm: bool
-    ) -> None:
+    def __init__(self, run: _BatchRun, slot: Slot, ref: Any, handed: int, confirm: bool) -> None:
         self.confirm = confirm  # the task confirms its start before it runs
-        self.batch = batch
+        self.run = run
         self.slot = slot
         self.ref = ref
-        self.payload = payload  # kept until settled: it may have to be handed again
         self.handed = handed  # how many times it was handed to Ray
         self.told = False  # cancelled without force: the batch ended
         self.killed_at: float | None = None  # first cancelled with force
@@ -140,11 +137,11 @@ class _Running:
 class _BatchRun:
     """The runner's bookkeeping for one batch."""
 
-    __slots__ = ("key", "marked", "memory_limit", "paths", "running")
+    __slots__ = ("batch", "key", "marked", "paths", "running")
 
-    def __init__(self, key: int, memory_limit: int | None) -> None:
-        self.key = key
-        self.memory_limit = memory_limit
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.key = batch.id
         self.running: set[_Running] = set()
         self.marked = False  # the board knows the batch ended
         # The caller's import path, for the tasks' workers (see run_task).
@@ -166,7 +163,7 @@ class RayRunner:
         self._board_lost = False
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._batches: deque[Batch] = deque()  # supervisor thread only
+        self._runs: deque[_BatchRun] = deque()  # supervisor thread only
         self._in_flight: dict[Any, _Running] = {}  # ObjectRef -> _Running
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -174,7 +171,7 @@ class RayRunner:
 
     # -- from callers --------------------------------------------------------------
 
-    def submit(self, batch: Batch, memory_limit: int | None) -> None:
+    def submit(self, batch: Batch) -> None:
         """Start running ``batch``; its slots are all settled by this runner."""
         with self._lock:
             if self._broken is not None:
@@ -186,9 +183,8 @@ class RayRunner:
                     target=self._supervise, name="alloter_mp-ray", daemon=True
                 )
                 self._thread.start()
-            batch.runner_state = _BatchRun(batch.id, memory_limit)
             batch.notify = self._wake
-            self._events.put(("batch", batch))
+            self._events.put(("batch", _BatchRun(batch)))
 
     def close(self, *, wait: bool = True) -> None:
         """End every batch, force-cancel what runs, stop the supervisor (``wait``: for it)."""
@@ -215,12 +211,12 @@ class RayRunner:
                 with contextlib.suppress(Exception):
                     self._ray.cancel(running.ref, force=True)
             traceback.print_exc(file=sys.stderr)
-            for batch in [*self._batches, *self._drain_new_batches()]:
-                batch.fail(error)
-                batch.abandon()
+            for run in [*self._runs, *self._drain_new_batches()]:
+                run.batch.fail(error)
+                run.batch.abandon()
 
-    def _drain_new_batches(self) -> list[Batch]:
-        found: list[Batch] = []
+    def _drain_new_batches(self) -> list[_BatchRun]:
+        found: list[_BatchRun] = []
         while True:
             try:
                 kind, value = self._events.get_nowait()
@@ -240,7 +236,7 @@ class RayRunner:
             while event is not None:
                 kind, value = event
                 if kind == "batch":
-                    self._batches.append(value)
+                    self._runs.append(value)
                 elif kind == "done":
                     self._settle(value)
                 elif kind == "close":
@@ -251,19 +247,19 @@ class RayRunner:
                     event = None
             now = time.monotonic()
             if closing:
-                for batch in self._batches:
-                    batch.cancel(Cancelled("the alloter was closed"))
+                for run in self._runs:
+                    run.batch.cancel(Cancelled("the alloter was closed"))
             self._handle_endings(now)
             self._dispatch()
             self._forget_settled()
-            if closing and not self._batches and not self._in_flight:
+            if closing and not self._runs and not self._in_flight:
                 return
 
     def _next_timer(self) -> float | None:
         soonest: float | None = None
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if batch.ending:
-                run: _BatchRun = batch.runner_state
                 unkilled = any(r.killed_at is None for r in run.running)
                 grace = batch.grace_deadline
                 at = grace + FORCE_LATE if unkilled and grace is not None else None
@@ -281,12 +277,12 @@ class RayRunner:
         return max(0.0, soonest - time.monotonic())
 
     def _handle_endings(self, now: float) -> None:
-        for batch in self._batches:
+        for run in self._runs:
+            batch = run.batch
             if not batch.ending and batch.deadline is not None and now >= batch.deadline:
                 batch.expire()
             if not batch.ending:
                 continue
-            run: _BatchRun = batch.runner_state
             grace = batch.grace_deadline
             over = grace is not None and now >= grace + FORCE_LATE
             started: set[int] = set()
@@ -318,7 +314,7 @@ class RayRunner:
             if now >= running.killed_at + KILL_GIVE_UP:
                 # Ray never said the task ended: settle it, and stop counting it.
                 self._forget_running(running)
-                running.batch.task_killed(running.slot)
+                running.run.batch.task_killed(running.slot)
 
     def _force(self, running: _Running, now: float) -> None:
         running.forced_at = now
@@ -330,35 +326,32 @@ class RayRunner:
         # One task per batch in turn, so that concurrent calls share the limit.
         while len(self._in_flight) < self._limit:
             handed = False
-            for batch in self._batches:
+            for run in self._runs:
+                batch = run.batch
                 if len(self._in_flight) >= self._limit:
                     return
                 if batch.ending or not batch.has_queued():
                     continue
                 for slot in batch.take(1):
-                    self._hand(batch, slot)
+                    self._hand(run, slot)
                     handed = True
             if not handed:
                 return
 
-    def _hand(
-        self, batch: Batch, slot: Slot, payload: bytes | None = None, handed: int = 0
-    ) -> None:
-        run: _BatchRun = batch.runner_state
-        if payload is None:
-            payload, slot.payload = slot.payload, None
+    def _hand(self, run: _BatchRun, slot: Slot, handed: int = 0) -> None:
+        batch = run.batch
         confirm = time.monotonic() < _kill_window_until[0]
         deadline_wall = None
         if batch.deadline is not None:
             deadline_wall = time.time() + (batch.deadline - time.monotonic())
         try:
             ref = self._remote.remote(
-                payload,
+                slot.payload,
                 run.key,
                 slot.index,
                 deadline_wall,
                 batch.measure,
-                run.memory_limit,
+                batch.memory_limit,
                 self._board_name,
                 run.paths,
                 confirm,
@@ -369,7 +362,7 @@ class RayRunner:
                 slot, WorkerCrashed(slot.base, None, message=f"Ray refused it: {exc}")
             )
             return
-        running = _Running(batch, slot, ref, payload, handed + 1, confirm)
+        running = _Running(run, slot, ref, handed + 1, confirm)
         self._in_flight[ref] = running
         run.running.add(running)
         put = self._events.put
@@ -377,8 +370,7 @@ class RayRunner:
 
     def _forget_running(self, running: _Running) -> None:
         self._in_flight.pop(running.ref, None)
-        run: _BatchRun = running.batch.runner_state
-        run.running.discard(running)
+        running.run.running.discard(running)
 
     def _settle(self, ref: Any) -> None:
         running = self._in_flight.get(ref)
@@ -387,7 +379,7 @@ class RayRunner:
         self._forget_running(running)
         if running.told:
             _kills_may_come_until(time.monotonic())  # the window counts from a kill's end too
-        batch, slot = running.batch, running.slot
+        batch, slot = running.run.batch, running.slot
         try:
             code, body, wall, cpu, peak, pid = self._ray.get(ref)
         except Exception as exc:
@@ -397,8 +389,8 @@ class RayRunner:
         report_outcome(batch, slot, code == 0, body)
 
     def _settle_failure(self, running: _Running, exc: BaseException) -> None:
-        batch, slot = running.batch, running.slot
-        run: _BatchRun = batch.runner_state
+        run, slot = running.run, running.slot
+        batch = run.batch
         slot.wall_s = time.monotonic() - slot.started  # from the hand-over: Ray's queue too
         if running.told or running.killed_at is not None:
             if batch.measure:  # a report shows the worker even of a killed task
@@ -417,15 +409,15 @@ class RayRunner:
         ):
             # Its worker died before the task's code could run: Ray handed it to a
             # worker that was dying after a forced cancel. Running it now is no retry.
-            self._hand(batch, slot, running.payload, running.handed)
+            self._hand(run, slot, running.handed)
             return
-        if run.memory_limit is not None:
+        if batch.memory_limit is not None:
             _, kill = self._ask_board("memory_kill", run.key, slot.index)
             if kill is not None:
                 peak, pid = int(kill[0]), int(kill[1])
                 slot.peak_rss, slot.pid = peak, pid
                 error: TaskError = MemoryLimitExceeded(
-                    slot.base, run.memory_limit, peak, pid, exitcode=-9
+                    slot.base, batch.memory_limit, peak, pid, exitcode=-9
                 )
                 batch.task_failed(slot, error, crashed=True)
                 return
@@ -459,17 +451,16 @@ class RayRunner:
         return known, None if pid is None else int(pid)
 
     def _forget_settled(self) -> None:
-        while self._batches and self._batches[0].settled.is_set():
-            self._forget(self._batches.popleft())
-        if any(b.settled.is_set() for b in self._batches):
-            kept = deque(b for b in self._batches if not b.settled.is_set())
-            for b in self._batches:
-                if b.settled.is_set():
-                    self._forget(b)
-            self._batches = kept
+        while self._runs and self._runs[0].batch.settled.is_set():
+            self._forget(self._runs.popleft())
+        if any(r.batch.settled.is_set() for r in self._runs):
+            kept = deque(r for r in self._runs if not r.batch.settled.is_set())
+            for r in self._runs:
+                if r.batch.settled.is_set():
+                    self._forget(r)
+            self._runs = kept
 
-    def _forget(self, batch: Batch) -> None:
-        run: _BatchRun = batch.runner_state
+    def _forget(self, run: _BatchRun) -> None:
         with contextlib.suppress(Exception):
             self._board.forget.remote(run.key)
 

@@ -34,7 +34,7 @@ import psutil
 
 from . import _transport
 from ._measure import PeakMeter
-from ._worker import execute, foreign_task
+from ._task import execute, foreign_task
 
 __all__ = ["WAIT_SECONDS", "Board", "run_task"]
 

@@ -7,10 +7,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._batch import Batch
+from ._states import TaskStatus
 
 __all__ = ["Report", "TaskReport"]
 
-STATUSES = ("ok", "error", "crashed", "timeout", "cancelled", "skipped")
+# The statuses a report counts, in the order its table lists them.
+STATUSES = (
+    TaskStatus.OK,
+    TaskStatus.ERROR,
+    TaskStatus.CRASHED,
+    TaskStatus.TIMEOUT,
+    TaskStatus.CANCELLED,
+    TaskStatus.SKIPPED,
+)
+_FAILED = frozenset({TaskStatus.ERROR, TaskStatus.CRASHED})
 
 
 @dataclass
@@ -24,7 +34,7 @@ class TaskReport:
     """
 
     index: int
-    status: str
+    status: TaskStatus
     result: Any = None
     error: BaseException | None = None
     wall_s: float = 0.0
@@ -39,7 +49,7 @@ class TaskReport:
             error = {"type": _error_type(self.error), "message": str(self.error)}
         return {
             "index": self.index,
-            "status": self.status,
+            "status": str(self.status),
             "error": error,
             "wall_s": round(self.wall_s, 6),
             "cpu_s": round(self.cpu_s, 6),
@@ -73,9 +83,9 @@ class Report:
 
     def counts(self) -> dict[str, int]:
         """How many tasks ended in each status."""
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = {str(s): 0 for s in STATUSES}
         for t in self.tasks:
-            counts[t.status] = counts.get(t.status, 0) + 1
+            counts[str(t.status)] = counts.get(str(t.status), 0) + 1
         return counts
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +114,7 @@ class Report:
                     f"{t.cpu_s:.3f}",
                     f"{t.peak_rss / 2**20:.1f}" if t.peak_rss else "-",
                     str(t.pid) if t.pid else "-",
-                    _short(t.error) if t.status in ("error", "crashed") else "",
+                    _short(t.error) if t.status in _FAILED else "",
                 )
             )
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
@@ -135,7 +145,7 @@ def build_report(batch: Batch, wall_s: float) -> Report:
             wall_s=s.wall_s,
             cpu_s=s.cpu_s,
             peak_rss=s.peak_rss,
-            pid=s.pid if s.status != "skipped" else None,
+            pid=s.pid if s.status is not TaskStatus.SKIPPED else None,
         )
         for s in batch.slots
     ]

@@ -1,4 +1,4 @@
-"""The worker process: its main loop, and the in-task API (``cancelled()`` & co).
+"""The worker process of the pool: its main loop.
 
 A worker:
 
@@ -7,8 +7,11 @@ A worker:
 * watches a lifeline pipe from the parent in a small thread: when the parent dies
   the pipe reaches EOF and the worker kills its own group, so nothing is orphaned;
 * turns on ``faulthandler``, so a segfault leaves its stack on stderr;
-* reads task messages, keeps the tasks in a local queue and runs them in order; a
-  task of a batch the parent has cancelled (a flag in shared memory) is skipped;
+* reads task messages, keeps the tasks in a local queue and runs them in order
+  (through :func:`alloter_mp._task.execute`, as every engine does); a task of a
+  batch the parent has ended is skipped without starting;
+* says in its shared words (:mod:`alloter_mp._words`) which task runs and since
+  when, so the parent knows which task a crash belongs to and which never started;
 * sends results back in small groups (an error at once), with the wall time, CPU
   time and, when asked, the peak resident memory of each task.
 
@@ -25,108 +28,30 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _transport
-from ._errors import Cancelled
+from . import _task, _transport, _words
 from ._measure import PeakMeter
 
-__all__ = ["cancelled", "raise_if_cancelled", "time_left", "worker_main"]
+__all__ = ["INIT_FAILED", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
 
 # Message kinds, parent -> worker.
 # The blob, when not None, is the whole batch's task list pickled at once; items
-# then carry None and the worker takes task ``index`` from it.
-TASKS = 1  # (TASKS, batch_id, deadline, measure, blob, [(index, payload), ...])
+# then carry None and the worker takes task ``index`` from it. ``fail_fast``: the
+# first failure ends the batch, so the worker may skip the rest of it at once.
+TASKS = 1  # (TASKS, batch_id, deadline, measure, fail_fast, blob, [(seq, index, payload), ...])
 STOP = 2  # (STOP,)
 # Worker -> parent.
-RESULTS = 3  # (RESULTS, batch_id, [(index, code, payload, wall, cpu, peak), ...])
+RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak), ...])
 INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
 
-# Result codes.
-OK = 0
-ERR = 1
-SKIPPED = 2
+# Result codes: _task.OK, _task.ERR, and:
+SKIPPED = 2  # never started: its batch had ended
 
 # Results are held back at most this long (or this many) so that tiny tasks do not
 # pay a message each; an error is sent at once.
 _FLUSH_AFTER = 0.002
 _FLUSH_COUNT = 256
-
-
-class _TaskState:
-    """What the in-task API reads: set only inside a worker process."""
-
-    flag: Any = None  # shared int64 array: [cancelled batch id, item offset in a chunk]
-    view: memoryview | None = None  # the same two words, cheaper to touch
-    batch_id: int = 0
-    local_cancel: int = -1  # a batch this worker saw fail: skip the rest of it
-    deadline: float | None = None
-    in_task: bool = False
-    # How a task run by another engine (Ray) asks whether its batch was cancelled;
-    # ``view`` is then None.
-    probe: Callable[[], bool] | None = None
-
-
-_state = _TaskState()
-
-
-def cancelled() -> bool:
-    """``True`` once the batch the current task belongs to has been cancelled.
-
-    A batch is cancelled by its first failure, its timeout, its context or the
-    caller's interruption. Outside a task this is always ``False``. Long tasks should
-    check it now and then and return early: they get ``cancel_grace`` seconds before
-    their worker is killed.
-    """
-    if not _state.in_task:
-        return False
-    words = _state.view
-    if words is None:
-        probe = _state.probe
-        return probe is not None and probe()
-    return bool(words[0] == _state.batch_id or _state.local_cancel == _state.batch_id)
-
-
-def raise_if_cancelled() -> None:
-    """Raise :class:`~alloter_mp.Cancelled` when :func:`cancelled` is ``True``."""
-    if cancelled():
-        raise Cancelled("the batch of this task was cancelled")
-
-
-def chunk_view() -> tuple[memoryview, int] | None:
-    """For a chunk runner: the shared words (cancelled batch, item offset) and our batch.
-
-    A chunk writes each item's offset to word 1, so that a crash names the item,
-    and stops when word 0 names its batch. A memoryview makes both cheap enough to
-    do per item; outside a worker this is ``None``.
-    """
-    if not _state.in_task or _state.view is None:
-        return None
-    return _state.view, _state.batch_id
-
-
-def time_left() -> float | None:
-    """Seconds until the current batch's deadline, ``None`` without one or outside a task."""
-    if not _state.in_task or _state.deadline is None:
-        return None
-    return max(0.0, _state.deadline - time.monotonic())
-
-
-@contextlib.contextmanager
-def foreign_task(deadline: float | None, probe: Callable[[], bool]) -> Iterator[None]:
-    """Around :func:`execute` of another engine's task (Ray): the in-task API's answers.
-
-    ``deadline`` is on this process's monotonic clock; ``probe()`` says whether the
-    task's batch was cancelled.
-    """
-    _state.deadline = deadline
-    _state.probe = probe
-    try:
-        yield
-    finally:
-        _state.probe = None
-        _state.deadline = None
 
 
 # -- the process ---------------------------------------------------------------
@@ -160,7 +85,7 @@ def _become_group_leader() -> None:
 
 
 def worker_main(
-    conn: Any, flag: Any, lifeline: Any, lifeline_w: Any, init_payload: bytes | None
+    conn: Any, words: Any, lifeline: Any, lifeline_w: Any, init_payload: bytes | None
 ) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
     _become_group_leader()
@@ -170,8 +95,7 @@ def worker_main(
     with contextlib.suppress(Exception):
         lifeline_w.close()  # under fork we inherited the parent's end: drop it
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
-    _state.flag = flag
-    _state.view = memoryview(flag).cast("B").cast("q")
+    _task.state.words = _words.view(words)
 
     if init_payload is not None:
         try:
@@ -182,13 +106,20 @@ def worker_main(
             with contextlib.suppress(OSError):
                 conn.send_bytes(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
             os._exit(3)
-    _serve(conn, flag)
+    _serve(conn)
 
 
-def _serve(conn: Any, flag: Any) -> None:
+# A task waiting in the worker: (batch_id, deadline, measure, fail_fast, seq, index, payload)
+_Queued = tuple[int, float | None, bool, bool, int, int, bytes | None]
+
+
+def _serve(conn: Any) -> None:
+    state = _task.state
+    words = state.words
+    assert words is not None
     meter = PeakMeter()
     blobs = _Blobs()
-    queue: deque[tuple[int, float | None, bool, int, bytes]] = deque()
+    queue: deque[_Queued] = deque()
     out: list[tuple[Any, ...]] = []
     out_batch = 0
     out_since = 0.0
@@ -197,6 +128,7 @@ def _serve(conn: Any, flag: Any) -> None:
     poll = conn.poll
     dumps = pickle.dumps
     protocol = _transport.PROTOCOL
+    cancel_batch = _words.CANCEL_BATCH
 
     def flush() -> None:
         nonlocal out
@@ -218,26 +150,27 @@ def _serve(conn: Any, flag: Any) -> None:
             if msg[0] == STOP:
                 flush()
                 return
-            _, batch_id, deadline, measure, blob, items = msg
+            _, batch_id, deadline, measure, fail_fast, blob, items = msg
             if blob is not None:
                 blobs.set(batch_id, blob)
-            for index, payload in items:
-                queue.append((batch_id, deadline, measure, index, payload))
-        batch_id, deadline, measure, index, payload = queue.popleft()
+            for seq, index, payload in items:
+                queue.append((batch_id, deadline, measure, fail_fast, seq, index, payload))
+        batch_id, deadline, measure, fail_fast, seq, index, payload = queue.popleft()
         if out and (batch_id != out_batch):
             flush()
         if not out:
             out_batch = batch_id
             out_since = time.monotonic()
-        if flag[0] == batch_id or _state.local_cancel == batch_id:
-            out.append((index, SKIPPED, None, 0.0, 0.0, 0))
+        if words[cancel_batch] == batch_id or state.local_cancel == batch_id:
+            out.append((seq, SKIPPED, None, 0.0, 0.0, 0))
             continue
-        item = _run_one(batch_id, deadline, measure, index, payload, blobs, meter)
+        item = _run_one(words, batch_id, deadline, measure, seq, index, payload, blobs, meter)
         out.append(item)
-        if item[1] == ERR:
-            # Any failure ends its batch: skip what we hold of it, tell the parent now.
-            _state.local_cancel = batch_id
-            flush()
+        if item[1] == _task.ERR:
+            if fail_fast:
+                # The failure ends its batch: skip what we hold of it.
+                state.local_cancel = batch_id
+            flush()  # a failure is news: tell the parent now
         elif len(out) >= _FLUSH_COUNT or time.monotonic() - out_since >= _FLUSH_AFTER:
             flush()
 
@@ -262,67 +195,29 @@ class _Blobs:
 
 
 def _run_one(
+    words: memoryview,
     batch_id: int,
     deadline: float | None,
     measure: bool,
+    seq: int,
     index: int,
     payload: bytes | None,
     blobs: _Blobs,
     meter: PeakMeter,
 ) -> tuple[Any, ...]:
-    _state.batch_id = batch_id
-    _state.deadline = deadline
-    words = _state.view  # the shared words, through the cheaper memoryview
-    assert words is not None
-    words[1] = 0
-    words[2] = index + 1  # a crash names this task, not one whose result is held back
+    state = _task.state
+    state.batch_id = batch_id
+    state.deadline = deadline
+    state.key = _words.task_key(seq)
+    # The start, said before the task runs: a crash names this task (not one whose
+    # result is still held back here), and a task never started is known as such.
+    words[_words.START_NS] = time.monotonic_ns()
+    words[_words.ITEM] = 0
+    words[_words.RUNNING] = seq
+    words[_words.STARTED] = seq
     if payload is None:
-        outcome = execute(blobs.task, (batch_id, index), measure, meter)
+        outcome = _task.execute(blobs.task, (batch_id, index), measure, meter)
     else:
-        outcome = execute(pickle.loads, (payload,), measure, meter)
-    words[2] = 0
-    return (index, *outcome)
-
-
-def execute(
-    load: Callable[..., Any], args: tuple[Any, ...], measure: bool, meter: PeakMeter
-) -> tuple[int, Any, float, float, int]:
-    """Load a task with ``load(*args)``, run it, measure it.
-
-    Returns ``(code, body, wall, cpu, peak)``: ``body`` is the pickled result (code
-    ``OK``) or an :class:`~alloter_mp._transport.ExceptionInfo` (code ``ERR``). It
-    never raises for what the task does.
-    """
-    if measure:
-        meter.start()
-    wall0 = time.perf_counter()
-    cpu0 = time.process_time()
-    _state.in_task = True
-    try:
-        task = load(*args)
-        result = task()
-        del task
-    except BaseException as exc:
-        _state.in_task = False
-        code: int = ERR
-        body: Any = _transport.capture_exception(exc, skip_frames=1)
-    else:
-        _state.in_task = False
-        code = OK
-        try:
-            body = _transport.dumps_result(result)
-        except BaseException as exc:
-            code = ERR
-            body = _unpicklable_result(result, exc)
-        del result
-    wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    peak = meter.peak() if measure else 0
-    return (code, body, wall, cpu, peak)
-
-
-def _unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:
-    info = _transport.capture_exception(exc)
-    message = f"the task's result ({type(result).__name__}) cannot be pickled: {info.message}"
-    # Send the pickling error itself as the cause, with a message that says what failed.
-    return info._replace(message=message, pickled=None)
+        outcome = _task.execute(pickle.loads, (payload,), measure, meter)
+    words[_words.RUNNING] = 0
+    return (seq, *outcome)

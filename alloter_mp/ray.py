@@ -16,8 +16,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from ._batch import Batch
-from ._calls import BatchAlloter
+from ._calls import BatchAlloter, Caller
+from ._options import CallOptions, check_limit
 from ._ray_runner import RayRunner, import_ray
 
 __all__ = ["RayAlloter"]
@@ -49,8 +49,6 @@ class RayAlloter(BatchAlloter):
     value: functions defined in ``__main__`` do).
     """
 
-    _blob_most = 0  # each task is its own Ray task: pickled alone
-
     def __init__(
         self,
         limit: int | None = None,
@@ -62,10 +60,7 @@ class RayAlloter(BatchAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
     ) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
+        limit = check_limit("limit", limit)
         if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)):
             raise TypeError(f"num_cpus must be a number, not {num_cpus!r}")
         if not num_cpus > 0:
@@ -73,7 +68,9 @@ class RayAlloter(BatchAlloter):
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a str or None, not {type(address).__name__}")
         # Check every option before Ray starts: a bad one must not leave a cluster behind.
-        self._set_options(1, timeout, cancel_grace, memory_limit, progress)
+        options = CallOptions.checked(
+            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+        )
         ray = import_ray()
         self._owns_ray = False
         if not ray.is_initialized():
@@ -86,7 +83,7 @@ class RayAlloter(BatchAlloter):
         if not limit:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             limit = max(1, int(cpus // num_cpus))
-        self._limit = limit
+        self._limit: int | None = limit
         self._num_cpus = num_cpus
         try:
             self._runner = RayRunner(ray, limit, num_cpus)
@@ -94,12 +91,11 @@ class RayAlloter(BatchAlloter):
             if self._owns_ray:  # leave no Ray behind for an alloter that never was
                 ray.shutdown()
             raise
+        # Each task is its own Ray task: pickled alone (blob_most=0).
+        self._caller = Caller(options, self._runner, limit, blob_most=0)
         self._closed = False
         # An alloter dropped without close() still ends its calls and its thread.
         self._finalizer = weakref.finalize(self, self._runner.close, wait=False)
-
-    def _submit(self, batch: Batch) -> None:
-        self._runner.submit(batch, self._memory_limit)
 
     def close(self) -> None:
         """End what still runs, and shut Ray down if this alloter started it."""
@@ -113,7 +109,7 @@ class RayAlloter(BatchAlloter):
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} limit={self._limit} timeout={self._timeout} "
+            f"<{type(self).__name__} limit={self._limit} timeout={self.timeout} "
             f"num_cpus={self._num_cpus}>"
         )
 
