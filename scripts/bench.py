@@ -2,7 +2,7 @@
 """Benchmark alloter_mp against its peers, side by side, in one run.
 
     python scripts/bench.py                 # 5 rounds, 2 workers
-    python scripts/bench.py --quick         # smoke run, well under a minute
+    python scripts/bench.py --quick         # smoke run, about a minute
     python scripts/bench.py --rounds 9 --workers 2 --json bench.json
     python scripts/bench.py --libs ours,mp_pool --workloads submit,map
 
@@ -23,6 +23,19 @@ Workloads (every round runs every library; the library order rotates per round):
   timeout   a task looping forever under a 0.5 s timeout: caller back minus 0.5 s (ms),
             and whether the looping process still lives 1 s later
   mem       idle USS of parent + workers after warm-up, measured in a fresh interpreter (MB)
+  mem8      the same for a pool of 8 workers, alloter_mp and ProcessPoolExecutor under
+            the same start methods (MB)
+  np_in     one 256 MiB float64 array given to 8 tasks that each sum a slice (s)
+  np_out    8 tasks each returning a 32 MiB float64 array (s)
+  blas      8 products of 1500 x 1500 matrices on --workers workers: CPU efficiency =
+            (8 x one product's single-threaded CPU time / workers) / makespan (%)
+
+The numpy workloads (np_in, np_out, blas) compare alloter_mp with
+ProcessPoolExecutor and joblib; each of their cells runs in a fresh interpreter
+without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (the machine's notes: those slow a
+current numpy; only this command drops them), and the blas row names the BLAS kernel
+the workers ran (with threadpoolctl installed).  --quick makes them 64 MiB in, 8 MiB
+out and 1000 x 1000: a smoke run, not the sizes issue 15's targets name.
 
 submit and map time each call, repeated within a round for up to 0.25 s (at most 25
 calls) and take the median, so a call of a few milliseconds is not one noisy sample.

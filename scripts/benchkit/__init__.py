@@ -14,7 +14,7 @@ Where things live:
                   order of the table
 * ``render``      the markdown table and the JSON dump
 * ``targets``     the issues' speed targets, PASS/MISS against this run
-* ``tasks``       the functions the workers run
+* ``tasks``, ``np_tasks``  the functions the workers run
 
 Workers import ``benchkit.tasks`` (and ``benchkit.np_tasks``), so this file imports
 nothing.

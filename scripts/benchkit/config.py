@@ -23,6 +23,12 @@ class Config:
     rep_budget: float = 0.25  # submit/map: repeat a call within a round up to this long
     rep_most: int = 25
     quick: bool = False
+    # numpy workloads: the sizes issue 15's targets state (smaller with --quick)
+    np_tasks: int = 8
+    np_in_mib: int = 256
+    np_out_mib: int = 32
+    blas_n: int = 1500
+    mem_pool: int = 8  # workers of the pool whose idle memory "mem8" measures
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -34,6 +40,9 @@ def make_config(args: argparse.Namespace) -> Config:
         c.rep_budget = 0.1
         c.cpu_seconds = 0.05
         c.cell_budget = 30.0
+        c.np_in_mib = 64
+        c.np_out_mib = 8
+        c.blas_n = 1000
     if args.tasks:
         c.n_tasks = args.tasks
     even = max(1, -(-c.n_tasks // (4 * c.workers)))  # multiprocessing.Pool.map's default

@@ -155,6 +155,8 @@ def to_json(run: Run) -> dict[str, Any]:
         "joblib",
         "psutil",
         "cloudpickle",
+        "numpy",
+        "threadpoolctl",
     ):
         try:
             vers[pkg] = version(pkg)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .adapters import PPE
+from .adapters.ours import default_start_method
 from .cells import summarize
 
 if TYPE_CHECKING:
@@ -88,6 +90,30 @@ def _round_trip(run: Run, line: Line) -> None:
         line(None, "warm round trip <= 0.6x the fastest peer's: no data")
 
 
+def _same_method(
+    run: Run, line: Line, wl: str, most: float, what: str, show: Callable[[float], str]
+) -> None:
+    """alloter_mp against ProcessPoolExecutor under each start method both rows have."""
+    default = default_start_method()
+    pairs = [("alloter_mp", default), ("alloter_mp (fork)", "fork")]
+    seen: list[tuple[str, float, float, float]] = []
+    for ours_label, method in pairs:
+        if method is None:
+            continue
+        ours = _med(run, wl, ours_label)
+        ref = _med(run, wl, f"ProcessPoolExecutor ({method})")
+        if ours and ref and method not in (m for m, _, _, _ in seen):
+            seen.append((method, ours / ref, ours, ref))
+    text = f"{what} <= {most:.1f}x ProcessPoolExecutor's with the same start method: "
+    if not seen:
+        line(None, text + "no data")
+        return
+    line(
+        all(r <= most for _, r, _, _ in seen),
+        text + ", ".join(f"{m} {r:.2f}x ({show(o)} vs {show(p)})" for m, r, o, p in seen),
+    )
+
+
 # ---- issue 4
 
 
@@ -144,5 +170,55 @@ def issue4(run: Run) -> list[str]:
     return out
 
 
+# ---- issue 15
+
+
+def _faster(run: Run, line: Line, wl: str, peer: str, times: float, what: str) -> None:
+    """alloter_mp at least ``times`` x faster than ``peer`` (rows in seconds)."""
+    ours = _med(run, wl, "alloter_mp")
+    ref = _med(run, wl, peer)
+    r = ref / ours if ours and ref else None
+    goal = "no slower than" if times == 1.0 else f">= {times:g}x faster than"
+    line(
+        r >= times if r else None,
+        f"{what} {goal} {peer}: "
+        + (f"{r:.2f}x faster ({ours:.3f} s vs {ref:.3f} s)" if r else "no data"),
+    )
+
+
+def issue15(run: Run) -> list[str]:
+    out, line = _section("Targets (issue 15):")
+    cfg = run.cfg
+    ppe = PPE().name
+    _map_vs_pool(run, line)
+    _round_trip(run, line)
+    _same_method(run, line, "cold", 1.0, "cold start", lambda s: f"{s * 1e3:.1f} ms")
+    _same_method(
+        run,
+        line,
+        "mem8",
+        1.5,
+        f"idle memory of a warm pool of {cfg.mem_pool} workers",
+        lambda mb: f"{mb:.1f} MB",
+    )
+    big = f"one {cfg.np_in_mib} MiB array to {cfg.np_tasks} tasks"
+    _faster(run, line, "np_in", ppe, 5.0, big)
+    _faster(run, line, "np_in", "joblib", 1.0, big)
+    _faster(run, line, "np_out", ppe, 2.0, f"{cfg.np_tasks} results of {cfg.np_out_mib} MiB back")
+    ours = _med(run, "blas", "alloter_mp")
+    ref = _med(run, "blas", "joblib")
+    text = (
+        f"{cfg.np_tasks} matrix products {cfg.blas_n}x{cfg.blas_n}, limit {cfg.workers}: "
+        "CPU efficiency >= joblib's: "
+    )
+    line(
+        ours >= ref if ours is not None and ref is not None else None,
+        text
+        + (f"{ours:.1f} % vs {ref:.1f} %" if ours is not None and ref is not None else "no data"),
+    )
+    _exec_vs_pool(run, line, 3.0)
+    return out
+
+
 def render_targets(run: Run) -> list[str]:
-    return issue4(run)
+    return [*issue4(run), "", *issue15(run)]

@@ -12,6 +12,21 @@ from ..config import Config
 from .base import Lib, ff_tasks, warm_items
 
 
+def default_start_method() -> str | None:
+    """The start method a ``ProcessAlloter`` uses when given none (None if it does not
+    import).  Making an alloter starts no worker."""
+    try:
+        from alloter_mp import ProcessAlloter
+
+        a = ProcessAlloter(1)
+    except Exception:
+        return None
+    try:
+        return str(a.pool.start_method)
+    finally:
+        a.close()
+
+
 class Ours(Lib):
     def __init__(self, start_method: str | None = None) -> None:
         self.sm = start_method

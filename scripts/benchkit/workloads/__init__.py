@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from . import cold, cpu, failfast, map, mem, rt, submit, timeout
+from . import blas, cold, cpu, failfast, map, mem, mem8, np_in, np_out, rt, submit, timeout
 from .base import Workload
 
 WORKLOADS: list[Workload] = [
@@ -15,6 +15,10 @@ WORKLOADS: list[Workload] = [
     failfast.WORKLOAD,
     timeout.WORKLOAD,
     mem.WORKLOAD,
+    mem8.WORKLOAD,
+    np_in.WORKLOAD,
+    np_out.WORKLOAD,
+    blas.WORKLOAD,
 ]
 BY_KEY = {w.key: w for w in WORKLOADS}
 

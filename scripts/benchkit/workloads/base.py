@@ -8,7 +8,7 @@ A workload is one module with a ``Workload`` subclass, listed in
                  of that library and round (``start`` was called, ``stop`` follows);
   - ``"alone"``: the workload makes and ends its own pool (cold start, fail-fast);
   - ``"fresh"``: in a fresh interpreter that starts the library's warm pool
-                 (memory), with ``env_unset`` removed from its environment;
+                 (memory, numpy), with ``env_unset`` removed from its environment;
 * which libraries it compares: ``libs()`` (default: every library at its default
   start method), narrowed to ``peers`` (library keys) and to the adapters that have
   the operations it ``needs`` (``Lib.can``);
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 class Workload:
     key = ""
-    # formatted with ``fields(cfg)``: n, c, ms, t
+    # formatted with ``fields(cfg)``: n, c, ms, t, k, w, pool, mib_in, mib_out, bn
     title = ""
     unit = ""
     higher_better = True
@@ -112,4 +112,10 @@ def fields(cfg: Config) -> dict[str, Any]:
         "c": cfg.cpu_tasks,
         "ms": int(cfg.cpu_seconds * 1000),
         "t": cfg.timeout,
+        "k": cfg.np_tasks,
+        "w": cfg.workers,
+        "pool": cfg.mem_pool,
+        "mib_in": cfg.np_in_mib,
+        "mib_out": cfg.np_out_mib,
+        "bn": cfg.blas_n,
     }
