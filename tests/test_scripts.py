@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -174,3 +175,71 @@ def test_hash_file_matches_hashlib(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert script.hash_file(str(path)) == hashlib.sha256(data).hexdigest()
     assert script.hash_file(str(path), "blake2b") == hashlib.blake2b(data).hexdigest()
+
+
+BENCH = REPO / "scripts" / "bench.py"
+
+
+def test_bench_quick_smoke() -> None:
+    """The benchmark's command line, on two libraries and two workloads: the table has
+    one row per library (and the floor), and the targets of both issues print."""
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--libs", "ours,ppe", "--workloads", "rt,cold"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=50,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = [ln.split("|")[2].strip() for ln in res.stdout.splitlines() if ln.startswith("| ")]
+    default = f"ProcessPoolExecutor (default: {multiprocessing.get_all_start_methods()[0]})"
+    assert rows[1:] == [
+        "alloter_mp",
+        default,
+        "floor: fork + Pipe",
+        "alloter_mp",
+        "alloter_mp (fork)",
+        default,
+        "ProcessPoolExecutor (fork)",
+        "ProcessPoolExecutor (forkserver)",
+        "floor: fork + Pipe",
+    ]
+    assert "error:" not in res.stdout
+    assert "Targets (issue 4):" in res.stdout and "Targets (issue 15):" in res.stdout
+    assert "LEAKED" not in res.stdout
+
+
+def test_bench_targets_pass_and_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numpy targets of issue 15 compare in the right direction (rows in seconds:
+    lower is better; the BLAS row in %: higher is better)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from benchkit.adapters import PPE
+    from benchkit.cells import Cell
+    from benchkit.config import Config
+    from benchkit.engine import Run
+    from benchkit.targets import issue15
+    from benchkit.workloads import WORKLOADS
+
+    run = Run(Config(), None, WORKLOADS, WORKLOADS)
+    ppe = PPE().name
+    for wl, label, value in [
+        ("np_in", "alloter_mp", 0.1),
+        ("np_in", ppe, 1.0),  # 10x faster: PASS
+        ("np_in", "joblib", 0.05),  # slower than joblib: MISS
+        ("np_out", "alloter_mp", 0.6),
+        ("np_out", ppe, 1.0),  # 1.7x faster: MISS (2x asked)
+        ("blas", "alloter_mp", 90.0),
+        ("blas", "joblib", 80.0),  # higher efficiency: PASS
+    ]:
+        run.add(wl, label, Cell(value=value))
+    lines = issue15(run)
+
+    def mark(start: str) -> str:
+        (line,) = [ln for ln in lines if ln.startswith(start, 9)]
+        return line[3:7]
+
+    assert mark(f"one 256 MiB array to 8 tasks >= 5x faster than {ppe}: 10.00x") == "PASS"
+    assert mark("one 256 MiB array to 8 tasks no slower than joblib: 0.50x") == "MISS"
+    assert mark(f"8 results of 32 MiB back >= 2x faster than {ppe}: 1.67x") == "MISS"
+    assert mark("8 matrix products 1500x1500, limit 2: CPU efficiency >= joblib's") == "PASS"
+    assert mark("exec 10,000 tiny tasks >= 3.0x multiprocessing.Pool.apply_async") == "n/a "

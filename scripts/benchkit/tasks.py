@@ -1,9 +1,11 @@
-"""Module-level task functions for ``scripts/bench.py``.
+"""Module-level task functions for the benchmark's workers.
 
 They live in their own importable module (not ``__main__``) so that every library,
 whatever its start method or serializer, pickles them by reference and the workers
-import the same code.  Keep this module free of heavy imports: workers started with
-spawn, forkserver or loky import it.
+import the same code (``scripts/`` is on the ``PYTHONPATH`` that ``bench.py`` hands
+down).  Keep this module, and the package's ``__init__``, free of heavy imports:
+workers started with spawn, forkserver or loky import it.  The numpy tasks live in
+``np_tasks`` for that reason.
 """
 
 from __future__ import annotations
