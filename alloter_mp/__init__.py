@@ -21,6 +21,7 @@ from ._errors import (
     RemoteError,
     SerializationError,
     TaskError,
+    TaskTimeout,
     WorkerCrashed,
 )
 from ._handle import WorkerStats
@@ -46,6 +47,7 @@ for _name in (
     "SerializationError",
     "TaskError",
     "TaskReport",
+    "TaskTimeout",
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStats",
@@ -70,6 +72,7 @@ __all__ = (
     "SerializationError",
     "TaskError",
     "TaskReport",
+    "TaskTimeout",
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStats",

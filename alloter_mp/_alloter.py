@@ -14,7 +14,7 @@ from typing import Any
 from . import _pool
 from ._batch import Batch
 from ._calls import BatchAlloter, Caller
-from ._errors import AlloterError
+from ._errors import AlloterError, TaskTimeout, WorkerCrashed
 from ._handle import WorkerStats
 from ._options import CallOptions, check_limit, default_limit
 from ._pool import Quota, WorkerPool
@@ -51,6 +51,11 @@ class ProcessAlloter(BatchAlloter):
     each new worker; ``max_tasks_per_worker`` to replace workers after that many
     tasks; ``memory_limit`` in bytes of a worker's resident memory; ``progress`` to
     show a progress bar on stderr.
+
+    Per task: ``task_timeout`` seconds a task may run, counted from its own start
+    (past it the task is ended and fails with :class:`TaskTimeout`); ``retries``
+    more runs for a task whose failure matches ``retry_on`` (by default a crash or a
+    task timeout), ``retry_delay * 2**(k-1)`` seconds after its k-th failure.
     """
 
     def __init__(
@@ -58,7 +63,11 @@ class ProcessAlloter(BatchAlloter):
         limit: int | None = None,
         *,
         timeout: float | None = None,
+        task_timeout: float | None = None,
         cancel_grace: float = 0.5,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (WorkerCrashed, TaskTimeout),
+        retry_delay: float = 0.0,
         start_method: str | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -68,7 +77,14 @@ class ProcessAlloter(BatchAlloter):
     ) -> None:
         size = check_limit("limit", limit) or default_limit()
         options = CallOptions.checked(
-            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+            timeout=timeout,
+            task_timeout=task_timeout,
+            cancel_grace=cancel_grace,
+            retries=retries,
+            retry_on=retry_on,
+            retry_delay=retry_delay,
+            memory_limit=memory_limit,
+            progress=progress,
         )
         pool = self._make_pool(
             size=size,
@@ -111,8 +127,15 @@ class ProcessAlloter(BatchAlloter):
         other._setup(pool, Quota(self._quota.limit), self._caller.options, owns_pool=False)
         return other
 
+    def _derive(self, options: CallOptions) -> ProcessAlloter:
+        other = object.__new__(type(self))
+        other._limit = self._limit
+        other._setup(self._pool, self._quota, options, owns_pool=False)
+        return other
+
     def close(self) -> None:
-        """Stop this alloter's workers (a pool given by ``with_pool`` is left open)."""
+        """Stop this alloter's workers (a pool given by ``with_pool``, or the workers of
+        the alloter this one was made from by ``with_options``, are left running)."""
         if self._owns_pool:
             self._finalizer.detach()
             self._pool.close()
@@ -135,7 +158,11 @@ class Alloter(ProcessAlloter):
         self,
         *,
         timeout: float | None = None,
+        task_timeout: float | None = None,
         cancel_grace: float = 0.5,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (WorkerCrashed, TaskTimeout),
+        retry_delay: float = 0.0,
         start_method: str | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -144,7 +171,14 @@ class Alloter(ProcessAlloter):
         progress: bool = False,
     ) -> None:
         options = CallOptions.checked(
-            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+            timeout=timeout,
+            task_timeout=task_timeout,
+            cancel_grace=cancel_grace,
+            retries=retries,
+            retry_on=retry_on,
+            retry_delay=retry_delay,
+            memory_limit=memory_limit,
+            progress=progress,
         )
         pool = self._make_pool(
             size=default_limit(),

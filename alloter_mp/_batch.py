@@ -1,24 +1,42 @@
 """A batch: the rules of one call, whatever runs its tasks.
 
-A :class:`Batch` is one ``exec`` (or ``map``/``imap``) call. It owns its slots, its
-first failure, its deadline and its cancelled state, and it is the *only* place that
-knows the contract's rules:
+A :class:`Batch` is one ``exec`` (or ``map``/``imap``, an executor's stream of
+futures, a command-line run) call. It owns its slots, its first failure, its deadline
+and its cancelled state, and it is the *only* place that knows the contract's rules:
 
-* the first failure decides the outcome (fast return) and ends the siblings;
-* queued tasks of an ended batch never start (``skipped``);
+* the first failure decides the outcome (fast return) and ends the siblings, unless
+  the batch keeps going (``errors="return"``): then a failure is that task's outcome
+  and the others run on;
+* a failure that matches ``retry_on`` is retried (the task goes back to the queue
+  after ``retry_delay * 2**(k-1)``) while attempts remain and the deadline allows;
+  a failure that will be retried ends nothing;
+* a task that runs longer than ``task_timeout`` is ended on its own (the runner tells
+  it, then kills it after the grace) and fails with :class:`TaskTimeout`;
+* queued tasks of an ended batch never start (``skipped``); a task its worker never
+  started goes back to the queue (that is no retry);
 * a task running when the batch ends is ``timeout`` (the deadline passed) or
   ``cancelled`` (a sibling failed, the context was cancelled, the caller was
   interrupted), whether it then returns by itself or is killed;
-* when every task returned, the outcome is the list of results in task order.
+* when every task has settled without ending the batch, the outcome is the list of
+  results in task order (with a keep-going batch, a failed task's
+  :class:`TaskError` in its place).
 
-The code that runs tasks (the local worker pool, or another engine) only reports
-facts to the batch — "slot 3 started", "slot 3 returned this", "slot 3's process
-died" — and reacts to ``ending``: tell the running tasks, and kill those still
-running at ``grace_deadline``. Deciding methods are thread-safe and the first one wins.
+The code that runs tasks (the local worker pool, Ray, the command line's engine) only
+reports facts to the batch — "slot 3 returned this", "slot 3's process died", "slot 3
+was never started" — and reacts to what the batch decides: ``ending`` (tell the
+running tasks, kill those still running at ``grace_deadline``) and a slot's
+``ended_alone`` (the same for one task). Deciding methods are thread-safe and the
+first decision wins.
+
+A map's chunk is one slot standing for ``size`` items. When the batch judges items
+one by one (:attr:`Batch.per_item`: keep-going, a task timeout or retries), the
+runner reports each item's outcome, and a chunk interrupted part-way goes back to
+the queue with only the items still to run (:attr:`Slot.todo`).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 import time
@@ -26,10 +44,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import Cancelled, ExecTimeout
+from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
+from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
-__all__ = ["MAIN_THREAD_SLICE", "Batch", "Slot", "wait_interruptibly"]
+__all__ = ["MAIN_THREAD_SLICE", "REQUEUE_MOST", "Batch", "Slot", "wait_interruptibly"]
 
 QUEUED = TaskStatus.QUEUED
 RUNNING = TaskStatus.RUNNING
@@ -47,23 +66,36 @@ _ids = itertools.count(1)
 # tasks must not be replaced forever).
 REQUEUE_MOST = 3
 
+# An item's state in a chunk judged item by item.
+_PENDING, _DONE, _FAILED = 0, 1, 2
+
 
 class Slot:
-    """One task of a batch and what became of it."""
+    """One task of a batch (or one chunk of a map's items) and what became of it."""
 
     __slots__ = (
+        "attempts",
         "base",
         "cpu_s",
+        "ended_alone",
+        "ended_at",
+        "ended_item",
         "error",
         "index",
+        "item_attempts",
+        "item_state",
+        "items",
+        "not_before",
         "payload",
         "peak_rss",
         "pid",
         "requeued",
         "result",
         "size",
+        "start_at",
         "started",
         "status",
+        "todo",
         "wall_s",
     )
 
@@ -74,7 +106,7 @@ class Slot:
         self.base = index
         self.size = 1  # how many items it stands for (a chunk of a map: its length)
         # The pickled task (None when it travels in the batch's blob); kept until the
-        # task settles, since a task its worker never started is sent again.
+        # task settles, since it may be sent again (never started, or retried).
         self.payload = payload
         self.status: TaskStatus = QUEUED
         self.result: Any = None
@@ -83,8 +115,22 @@ class Slot:
         self.cpu_s = 0.0
         self.peak_rss = 0
         self.pid: int | None = None
-        self.started = 0.0  # monotonic time it was handed to a worker
+        self.started = 0.0  # monotonic time it was last handed to a worker
+        self.start_at: float | None = None  # monotonic time it first really started
+        self.attempts = 0  # how many times it ran
         self.requeued = 0  # times it went back to the queue unstarted
+        self.not_before = 0.0  # a retry waits until then
+        # Ended on its own (a task timeout: TIMEOUT; a killed future: CANCELLED): the
+        # runner tells it and kills it at ended_at + the grace.
+        self.ended_alone: TaskStatus | None = None
+        self.ended_at = 0.0
+        self.ended_item = 0  # which item of a chunk was ended
+        # A chunk judged item by item: each item's state, result or error, attempts,
+        # and the offsets to run when it is next handed over (None: all).
+        self.item_state: bytearray | None = None
+        self.items: list[Any] | None = None
+        self.item_attempts: list[int] | None = None
+        self.todo: list[int] | None = None
 
 
 class Batch:
@@ -95,26 +141,49 @@ class Batch:
         payloads: list[Any],
         *,
         deadline: float | None = None,
-        cancel_grace: float = 0.5,
+        options: CallOptions | None = None,
         timeout_message: str = "the call did not finish before its deadline",
         measure: bool = False,
-        memory_limit: int | None = None,
         open_input: bool = False,
+        keep_going: bool = False,
+        chunked: bool = False,
+        items_alone: bool = False,
     ) -> None:
+        options = options if options is not None else CallOptions()
         self.id = next(_ids)
+        self.started_at = time.monotonic()  # the call's start, for TaskReport.start_s
         self.deadline = deadline
-        self.cancel_grace = cancel_grace
+        self.cancel_grace = options.cancel_grace
+        self.task_timeout = options.task_timeout
+        self.retries = options.retries
+        self.retry_on = options.retry_on
+        self.retry_delay = options.retry_delay
+        self.memory_limit = options.memory_limit
         self.timeout_message = timeout_message
-        self.measure = measure
-        self.memory_limit = memory_limit
+        self.measure = measure or options.memory_limit is not None
+        self.keep_going = keep_going
+        # The tasks are chunks of a map's items.
+        self.chunked = chunked
+        # They are even chunks of one map, cut for the workers: sending two ahead is safe.
+        self.even = False
+        # Items of a chunk are judged one by one (reported, retried, timed out alone),
+        # unless each chunk is one item (``items_alone``): then the chunk is the item.
+        self.per_item = (
+            chunked
+            and not items_alone
+            and (keep_going or options.task_timeout is not None or options.retries > 0)
+        )
+        # A worker may skip the rest of the batch at its first failure.
+        self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
-        # The tasks are even chunks of one map: sending two ahead is safe.
-        self.chunked = False
         self._queued: deque[int] = deque(range(len(payloads)))
+        self._delayed: list[tuple[float, int]] = []  # (not_before, index): retries waiting
         self._lock = threading.Lock()
         self._open = open_input
+        # Slots ended alone and not settled yet: the runner tells them and kills them.
+        self.alone: set[int] = set()
         self._unsettled = len(payloads)
         self._ok = 0
         self.outcome: BaseException | None = None
@@ -122,8 +191,8 @@ class Batch:
         self.ended_at = 0.0
         self.decided = threading.Event()
         self.settled = threading.Event()
-        # Set by whatever runs the tasks: called (from any thread) when the batch ends
-        # or when it has new input, so the runner wakes up and acts.
+        # Set by whatever runs the tasks: called (from any thread) when the batch ends,
+        # has new input, or a task of it was ended alone, so the runner wakes and acts.
         self.notify: Callable[[], None] = _nothing
         # Called with a finished slot (from the runner's thread), e.g. for progress bars.
         self.on_slot_done: Callable[[Slot], None] | None = None
@@ -148,10 +217,23 @@ class Batch:
         return self.ended_at + self.cancel_grace
 
     def has_queued(self) -> bool:
+        """Whether a task is ready to be handed over now (retries whose delay has
+        passed included)."""
+        if self._delayed and self._delayed[0][0] <= time.monotonic():
+            self._release_delayed()
         return bool(self._queued)
 
     def queued_count(self) -> int:
         return len(self._queued)
+
+    def next_ready_at(self) -> float | None:
+        """When the next retry waiting for its delay may be handed over, if any."""
+        delayed = self._delayed
+        return delayed[0][0] if delayed and self.end_kind is None else None
+
+    def task_deadline(self, start: float) -> float | None:
+        """When a task (or chunk item) that started at ``start`` has run too long."""
+        return None if self.task_timeout is None else start + self.task_timeout
 
     # -- input ---------------------------------------------------------------
 
@@ -181,10 +263,12 @@ class Batch:
     # -- the runner takes work -----------------------------------------------
 
     def take(self, most: int) -> list[Slot]:
-        """Up to ``most`` queued slots, now running; none once the batch has ended."""
+        """Up to ``most`` ready slots, now running; none once the batch has ended."""
         taken: list[Slot] = []
         now = time.monotonic()
         with self._lock:
+            if self._delayed and self._delayed[0][0] <= now:
+                self._release_delayed_locked(now)
             while self._queued and len(taken) < most and self.end_kind is None:
                 slot = self.slots[self._queued.popleft()]
                 slot.status = RUNNING
@@ -192,31 +276,31 @@ class Batch:
                 taken.append(slot)
         return taken
 
-    def requeue(self, slot: Slot) -> bool:
-        """A task its worker never started goes back to the queue (this is no retry).
-
-        It goes first, as it was taken first; once the batch has ended it is skipped.
-        ``False`` when it went back too often already: the runner then blames it.
-        """
+    def withdraw(self, slot: Slot) -> bool:
+        """Take a queued task out before it starts (it ends ``skipped``); ``False`` if
+        it was already handed over or settled."""
         with self._lock:
-            if slot.status in FINAL:
-                return True
-            if self.end_kind is None and slot.requeued >= REQUEUE_MOST:
+            if slot.status is not QUEUED:
                 return False
-            if self.end_kind is None:
-                slot.requeued += 1
-                slot.status = QUEUED
-                slot.pid = None
-                self._queued.appendleft(slot.index)
-                skipped = False
+            if slot.index in self._queued:
+                self._queued.remove(slot.index)
             else:
-                self._finish(slot, SKIPPED)
-                skipped = True
-        if skipped:
-            self._slot_done(slot)
-        else:
-            self.notify()
+                self._delayed = [d for d in self._delayed if d[1] != slot.index]
+                heapq.heapify(self._delayed)
+            self._finish(slot, SKIPPED)
+            self._check_success()
+        self._slot_done(slot)
         return True
+
+    def _release_delayed(self) -> None:
+        with self._lock:
+            self._release_delayed_locked(time.monotonic())
+
+    def _release_delayed_locked(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, index = heapq.heappop(self._delayed)
+            if self.slots[index].status is QUEUED:
+                self._queued.append(index)
 
     # -- deciding (thread-safe; the first decision wins) ------------------------
 
@@ -232,6 +316,23 @@ class Batch:
         """Cancel from outside (context, interruption, close)."""
         return self._end(EndKind.CANCELLED, error or Cancelled("the call was cancelled"))
 
+    def end_task(self, slot: Slot, status: TaskStatus, item: int = 0) -> bool:
+        """End one running task on its own: ``TIMEOUT`` (its task timeout passed) or
+        ``CANCELLED`` (killed alone). The runner tells it, and kills it after the grace.
+
+        ``item`` is the offset of the item that ran too long, in a chunk. ``False``
+        if the task had already settled or been ended.
+        """
+        with self._lock:
+            if slot.status is not RUNNING or slot.ended_alone is not None:
+                return False
+            slot.ended_alone = status
+            slot.ended_at = time.monotonic()
+            slot.ended_item = item
+            self.alone.add(slot.index)
+        self.notify()
+        return True
+
     def _end(self, kind: EndKind, error: BaseException) -> bool:
         with self._lock:
             if self.decided.is_set():
@@ -240,10 +341,13 @@ class Batch:
             self.end_kind = kind
             self.ended_at = time.monotonic()
             skipped = []
-            while self._queued:
-                slot = self.slots[self._queued.popleft()]
+            for index in itertools.chain(self._queued, (i for _, i in self._delayed)):
+                slot = self.slots[index]
                 slot.status = SKIPPED
+                slot.payload = None
                 skipped.append(slot)
+            self._queued.clear()
+            self._delayed.clear()
             self._unsettled -= len(skipped)
             self._open = False
             self.decided.set()
@@ -257,6 +361,279 @@ class Batch:
 
     # -- facts reported by the runner ------------------------------------------
 
+    def started(self, slot: Slot, at: float) -> None:
+        """The task really started at monotonic time ``at`` (first start kept)."""
+        if slot.start_at is None:
+            slot.start_at = at
+
+    def task_returned(self, slot: Slot, result: Any) -> None:
+        """The task returned ``result`` (for a chunk judged item by item: its run
+        ended, every item of it reported)."""
+        first: BaseException | None = None
+        with self._lock:
+            if slot.status in FINAL:
+                return
+            if slot.item_state is not None:
+                self._run_over(slot)
+            elif slot.ended_alone is TIMEOUT:
+                # It returned during its grace, but too late: a timeout all the same.
+                slot.attempts += 1
+                first = self._failed(slot, self._timeout_error(slot), TIMEOUT)
+            else:
+                slot.attempts += 1
+                slot.result = result
+                if self.end_kind is None:
+                    self._ok += 1
+                    self._finish(slot, OK)
+                else:
+                    self._finish(slot, self._end_status())
+                self._check_success()
+        self._after(slot, first)
+
+    def task_failed(self, slot: Slot, error: BaseException, *, crashed: bool = False) -> None:
+        """The task raised (or its result could not travel), or its worker died."""
+        first: BaseException | None = None
+        with self._lock:
+            if slot.status in FINAL:
+                return
+            if slot.item_state is not None and slot.status is RUNNING:
+                # The chunk itself failed (not one item): its items still to run fail.
+                for offset in slot.todo or range(slot.size):
+                    if slot.item_state[offset] == _PENDING:
+                        first = first or self._item_failed(slot, offset, error, crashed)
+                self._run_over(slot)
+            else:
+                slot.attempts += 1
+                if slot.ended_alone is TIMEOUT:
+                    error, crashed = self._timeout_error(slot), False
+                status = (
+                    TIMEOUT if isinstance(error, TaskTimeout) else CRASHED if crashed else ERROR
+                )
+                first = self._failed(slot, error, status)
+        self._after(slot, first)
+
+    def task_killed(self, slot: Slot) -> None:
+        """The runner killed this task: the batch ended (grace over), or the task was
+        ended alone (its task timeout, a killed future)."""
+        first: BaseException | None = None
+        with self._lock:
+            if slot.status in FINAL:
+                return
+            if slot.ended_alone is not None:
+                if slot.item_state is not None:
+                    offset = slot.ended_item
+                    first = self._item_failed(slot, offset, self._ended_alone_error(slot), False)
+                    self._run_over(slot)
+                else:
+                    slot.attempts += 1
+                    error = self._ended_alone_error(slot)
+                    if slot.ended_alone is TIMEOUT:
+                        first = self._failed(slot, error, TIMEOUT)
+                    else:
+                        slot.error = error
+                        self._finish(slot, CANCELLED)
+                        self._check_success()
+            else:
+                slot.attempts += 1
+                if slot.error is None:
+                    slot.error = self._ended_error()
+                self._finish(slot, self._end_status())
+        self._after(slot, first)
+
+    def task_unstarted(self, slot: Slot) -> bool:
+        """Its worker never started the task: it goes back to the queue (this is no
+        retry), or ends ``skipped`` once the batch has ended or ``cancelled`` if it was
+        ended alone. ``False`` when it went back too often already: the runner then
+        blames it (a worker that cannot start tasks must not be replaced forever).
+        """
+        with self._lock:
+            if slot.status in FINAL:
+                return True
+            if self.end_kind is None and slot.ended_alone is None:
+                if slot.requeued >= REQUEUE_MOST:
+                    return False
+                slot.requeued += 1
+                slot.status = QUEUED
+                slot.pid = None
+                self._queued.appendleft(slot.index)
+                requeued = True
+            else:
+                if slot.ended_alone is CANCELLED:
+                    slot.error = self._ended_alone_error(slot)
+                    self._finish(slot, CANCELLED)
+                    self._check_success()
+                else:
+                    self._finish(slot, SKIPPED)
+                requeued = False
+        if requeued:
+            self.notify()
+        else:
+            self._slot_done(slot)
+        return True
+
+    def item_returned(self, slot: Slot, offset: int, value: Any) -> None:
+        """Item ``offset`` of a chunk judged item by item returned ``value``."""
+        first: BaseException | None = None
+        with self._lock:
+            state = slot.item_state
+            if slot.status in FINAL or state is None or state[offset] != _PENDING:
+                return
+            assert slot.items is not None
+            if slot.ended_alone is TIMEOUT and slot.ended_item == offset:
+                first = self._item_failed(slot, offset, self._timeout_error(slot), False)
+            else:
+                assert slot.item_attempts is not None
+                slot.item_attempts[offset] += 1
+                slot.items[offset] = value
+                state[offset] = _DONE
+            if slot.ended_alone is not None and slot.ended_item == offset:
+                self._clear_alone(slot)
+        self._after(None, first)
+
+    def item_failed(
+        self, slot: Slot, offset: int, error: BaseException, *, crashed: bool = False
+    ) -> None:
+        """Item ``offset`` of a chunk judged item by item raised, or its worker died."""
+        first: BaseException | None = None
+        with self._lock:
+            state = slot.item_state
+            if slot.status in FINAL or state is None or state[offset] != _PENDING:
+                return
+            if slot.ended_alone is not None and slot.ended_item == offset:
+                if slot.ended_alone is TIMEOUT:
+                    error, crashed = self._timeout_error(slot), False
+                self._clear_alone(slot)
+            first = self._item_failed(slot, offset, error, crashed)
+        self._after(None, first)
+
+    def run_interrupted(self, slot: Slot) -> None:
+        """A run of a chunk judged item by item stopped part-way (its worker died, its
+        items reported until then): the items still to run go back to the queue."""
+        with self._lock:
+            if slot.status in FINAL or slot.item_state is None:
+                return
+            self._run_over(slot)
+        self._after(slot, None)
+
+    def abandon(self) -> None:
+        """Settle every task still open: the runner can no longer report on them."""
+        with self._lock:
+            open_slots = [s for s in self.slots if s.status not in FINAL]
+            for slot in open_slots:
+                if slot.error is None:
+                    slot.error = self._ended_error()
+                self._finish(slot, self._end_status() if slot.status is RUNNING else SKIPPED)
+            self._queued.clear()
+            self._delayed.clear()
+            self._open = False
+            self._check_settled()
+        for slot in open_slots:
+            self._slot_done(slot)
+
+    # -- the rules (callers hold the lock) ------------------------------------------
+
+    def _failed(self, slot: Slot, error: BaseException, status: TaskStatus) -> BaseException | None:
+        """A task failed: retry it, keep going, or end the batch (returned: the error
+        that should end it, decided outside the lock)."""
+        if self.end_kind is not None:
+            slot.error = error
+            self._finish(slot, self._end_status())
+            return None
+        if self._retry(slot, error, slot.attempts):
+            return None
+        slot.error = error
+        self._finish(slot, status)
+        if self.keep_going:
+            self._check_success()
+            return None
+        return error
+
+    def _retry(self, slot: Slot, error: BaseException, attempts: int) -> bool:
+        if attempts > self.retries or not self._retryable(error):
+            return False
+        not_before = time.monotonic() + self.retry_delay * 2 ** (attempts - 1)
+        if self.deadline is not None and not_before >= self.deadline:
+            return False  # never past the call's deadline
+        slot.status = QUEUED
+        slot.pid = None
+        self._clear_alone(slot)
+        slot.not_before = not_before
+        if not_before <= time.monotonic():
+            self._queued.append(slot.index)
+        else:
+            heapq.heappush(self._delayed, (not_before, slot.index))
+        return True
+
+    def _retryable(self, error: BaseException) -> bool:
+        """``retry_on`` matches the crash or timeout itself, else the task's own error."""
+        retry_on = self.retry_on
+        if isinstance(error, retry_on):
+            return True
+        cause = error.__cause__
+        if cause is None or not isinstance(error, TaskError):
+            return False
+        return isinstance(cause, retry_on) and not (
+            isinstance(cause, RemoteError) and RemoteError not in retry_on
+        )
+
+    def _item_failed(
+        self, slot: Slot, offset: int, error: BaseException, crashed: bool
+    ) -> BaseException | None:
+        """An item of a chunk failed: retry it with the chunk, or settle it."""
+        assert slot.item_state is not None and slot.item_attempts is not None
+        assert slot.items is not None
+        slot.item_attempts[offset] += 1
+        if isinstance(error, TaskError) and error.index != slot.base + offset:
+            error = _reindexed(error, slot.base + offset)
+        if self.end_kind is None and self._retryable(error):
+            attempts = slot.item_attempts[offset]
+            delay = self.retry_delay * 2 ** (attempts - 1)
+            not_before = time.monotonic() + delay
+            if attempts <= self.retries and (self.deadline is None or not_before < self.deadline):
+                slot.not_before = max(slot.not_before, not_before)
+                return None  # stays pending: it runs again when the chunk is next handed over
+        slot.items[offset] = error
+        slot.item_state[offset] = _FAILED
+        if self.end_kind is None and not self.keep_going:
+            return error
+        return None
+
+    def _run_over(self, slot: Slot) -> None:
+        """A run of a chunk judged item by item is over: settle it or queue the rest."""
+        assert slot.item_state is not None and slot.items is not None
+        self._clear_alone(slot)
+        todo = [o for o in range(slot.size) if slot.item_state[o] == _PENDING]
+        if not todo:
+            slot.result = slot.items
+            slot.attempts = max(slot.item_attempts or [1])
+            if self.end_kind is None:
+                self._ok += 1
+                failed = _FAILED in slot.item_state
+                self._finish(slot, ERROR if failed and not self.keep_going else OK)
+                self._check_success()
+            else:
+                self._finish(slot, self._end_status())
+            return
+        if self.end_kind is not None:
+            slot.error = self._ended_error()
+            self._finish(slot, self._end_status())
+            return
+        slot.todo = todo
+        slot.status = QUEUED
+        slot.pid = None
+        if slot.not_before > time.monotonic():
+            heapq.heappush(self._delayed, (slot.not_before, slot.index))
+        else:
+            self._queued.appendleft(slot.index)
+
+    def _timeout_error(self, slot: Slot) -> TaskTimeout:
+        return TaskTimeout(slot.base + slot.ended_item, self.task_timeout or 0.0)
+
+    def _ended_alone_error(self, slot: Slot) -> BaseException:
+        if slot.ended_alone is TIMEOUT:
+            return self._timeout_error(slot)
+        return Cancelled("the task was cancelled")
+
     def _ended_error(self) -> BaseException | None:
         """What a task ended by the batch's end is told: the timeout, or a cancellation."""
         if self.end_kind is EndKind.TIMEOUT or isinstance(self.outcome, Cancelled):
@@ -267,82 +644,22 @@ class Batch:
     def _end_status(self) -> TaskStatus:
         return TIMEOUT if self.end_kind is EndKind.TIMEOUT else CANCELLED
 
+    def _clear_alone(self, slot: Slot) -> None:
+        slot.ended_alone = None
+        self.alone.discard(slot.index)
+
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
-        # Caller holds the lock.
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
+        self.alone.discard(slot.index)
         self._unsettled -= 1
         self._check_settled()
 
-    def task_returned(self, slot: Slot, result: Any) -> None:
-        with self._lock:
-            if slot.status in FINAL:
-                return
-            slot.result = result
-            status = OK if self.end_kind is None else self._end_status()
-            if status == OK:
-                self._ok += 1
-            self._finish(slot, status)
-            self._check_success()
-        self._slot_done(slot)
-
-    def task_failed(self, slot: Slot, error: BaseException, *, crashed: bool = False) -> None:
-        """The task raised (or its result could not travel), or its worker died."""
-        with self._lock:
-            if slot.status in FINAL:
-                return
-            slot.error = error
-            if self.end_kind is None:
-                self._finish(slot, CRASHED if crashed else ERROR)
-                first = True
-            else:
-                self._finish(slot, self._end_status())
-                first = False
-        if first:
-            self.fail(error)
-        self._slot_done(slot)
-
-    def task_killed(self, slot: Slot) -> None:
-        """The runner killed this task because the batch ended (grace over, timeout)."""
-        with self._lock:
-            if slot.status in FINAL:
-                return
-            if slot.error is None:
-                slot.error = self._ended_error()
-            self._finish(slot, self._end_status())
-        self._slot_done(slot)
-
-    def task_skipped(self, slot: Slot) -> None:
-        """The runner dropped a task it had taken but never started."""
-        with self._lock:
-            if slot.status in FINAL:
-                return
-            self._finish(slot, SKIPPED)
-        self._slot_done(slot)
-
-    def abandon(self) -> None:
-        """Settle every task still open: the runner can no longer report on them."""
-        with self._lock:
-            open_slots = [s for s in self.slots if s.status not in FINAL]
-            for slot in open_slots:
-                if slot.error is None:
-                    slot.error = self._ended_error()
-                self._finish(slot, self._end_status() if slot.status == RUNNING else SKIPPED)
-            self._open = False
-            self._check_settled()
-        for slot in open_slots:
-            self._slot_done(slot)
-
-    def _slot_done(self, slot: Slot) -> None:
-        if self.on_slot_done is not None:
-            self.on_slot_done(slot)
-
     def _check_success(self) -> None:
-        # Caller holds the lock.
         if (
             not self._open
             and self.end_kind is None
-            and self._ok == len(self.slots)
+            and self._unsettled == 0
             and not self.decided.is_set()
         ):
             self.decided.set()
@@ -351,6 +668,36 @@ class Batch:
     def _check_settled(self) -> None:
         if self._unsettled == 0 and not self._open:
             self.settled.set()
+
+    def _after(self, slot: Slot | None, first: BaseException | None) -> None:
+        """Outside the lock: end the batch on a first failure, notify what waits."""
+        if first is not None:
+            self.fail(first)
+        if slot is None:
+            return
+        if slot.status in FINAL:
+            self._slot_done(slot)
+        elif slot.status is QUEUED:
+            self.notify()  # a retry or the rest of a chunk: the runner hands it over
+
+    def _slot_done(self, slot: Slot) -> None:
+        if self.on_slot_done is not None:
+            self.on_slot_done(slot)
+
+    # -- for the runner: judging chunks item by item ---------------------------------
+
+    def prepare_items(self, slot: Slot) -> list[int] | None:
+        """Before a chunk judged item by item is handed over: the offsets to run
+        (``None``: all of them, the first time)."""
+        if not self.per_item:
+            return None
+        with self._lock:
+            if slot.item_state is None:
+                slot.item_state = bytearray(slot.size)
+                slot.items = [None] * slot.size
+                slot.item_attempts = [0] * slot.size
+                return None
+            return slot.todo
 
     # -- for the caller --------------------------------------------------------
 
@@ -371,11 +718,25 @@ class Batch:
                 self.expire()
 
     def results(self) -> list[Any]:
-        """The results in task order, or raise the outcome."""
+        """The results in task order, or raise the outcome.
+
+        In a keep-going batch a failed task's :class:`TaskError` stands in its place.
+        """
         self.wait_decided()
         if self.outcome is not None:
             raise self.outcome
+        if self.keep_going:
+            if self.chunked and not self.per_item:  # a failed one-item chunk
+                return [s.result if s.status is OK else [s.error] for s in self.slots]
+            return [s.result if s.status is OK else s.error for s in self.slots]
         return [slot.result for slot in self.slots]
+
+
+def _reindexed(error: TaskError, index: int) -> TaskError:
+    """``error`` naming item ``index`` (a chunk's failure named the chunk's first item)."""
+    error.index = index
+    error.args = (index, error.message)
+    return error
 
 
 def _nothing() -> None:

@@ -60,20 +60,37 @@ class Caller:
 
     ``parallelism`` is how many tasks may run at once (chunk sizes and read-ahead
     are cut for it); ``blob_most`` is the size up to which a call's tasks are pickled
-    together as one blob (0: each task on its own).
+    together as one blob (0: each task on its own). With ``items_alone`` (a runner
+    that hears of a task only when it ends: Ray), a map whose items are judged one by
+    one (keep-going, task timeouts, retries) sends each item as a task of its own.
     """
 
     def __init__(
-        self, options: CallOptions, runner: Runner, parallelism: int, blob_most: int = BLOB_MOST
+        self,
+        options: CallOptions,
+        runner: Runner,
+        parallelism: int,
+        blob_most: int = BLOB_MOST,
+        *,
+        items_alone: bool = False,
     ) -> None:
         self.options = options
         self.runner = runner
         self.parallelism = parallelism
         self.blob_most = blob_most
+        self.items_alone = items_alone
 
     def with_options(self, options: CallOptions) -> Caller:
         """The same runner and parallelism, other options."""
-        return Caller(options, self.runner, self.parallelism, self.blob_most)
+        return Caller(
+            options, self.runner, self.parallelism, self.blob_most, items_alone=self.items_alone
+        )
+
+    def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None:
+        """The chunk size a map uses (one item per chunk where items must go alone)."""
+        options = self.options
+        judged = keep_going or options.task_timeout is not None or options.retries > 0
+        return 1 if self.items_alone and judged else chunksize
 
     # -- a whole call --------------------------------------------------------------
 
@@ -91,15 +108,32 @@ class Caller:
         return build_report(batch, time.perf_counter() - started)
 
     def map(
-        self, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        chunksize: int | None,
+        *,
+        keep_going: bool = False,
     ) -> list[Any]:
-        """``fn`` over a sequence, cut into chunks; results in order."""
+        """``fn`` over a sequence, cut into chunks; results in order.
+
+        ``keep_going`` (``errors="return"``): a failed item's :class:`TaskError` in
+        its place, the others run on.
+        """
         started = time.monotonic()
+        chunksize = self.chunksize_for(chunksize, keep_going)
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
             return []
-        batch = self.prepare(chunks, None, started=started, locate=_mapping.first_unpicklable_item)
-        batch.chunked = True
+        batch = self.prepare(
+            chunks,
+            None,
+            started=started,
+            locate=_mapping.first_unpicklable_item,
+            keep_going=keep_going,
+            chunked=True,
+        )
+        batch.even = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
@@ -116,12 +150,21 @@ class Caller:
         measure: bool = False,
         started: float | None = None,
         locate: Callable[[Any, int], int] | None = None,
+        keep_going: bool = False,
+        chunked: bool = False,
     ) -> Batch:
         """Check and pickle the tasks (nothing starts if that fails), make the batch."""
         if started is None:
             started = time.monotonic()  # the call's timeout counts pickling too
         payloads, blob = self._payloads(tasks, locate)
-        batch = self.new_batch(payloads, ctx, measure=measure, started=started)
+        batch = self.new_batch(
+            payloads,
+            ctx,
+            measure=measure,
+            started=started,
+            keep_going=keep_going,
+            chunked=chunked,
+        )
         batch.blob = blob
         return batch
 
@@ -172,6 +215,8 @@ class Caller:
         measure: bool = False,
         open_input: bool = False,
         started: float | None = None,
+        keep_going: bool = False,
+        chunked: bool = False,
     ) -> Batch:
         """A batch with the call's deadline (the sooner of the timeout and ``ctx``'s)."""
         if ctx is not None:
@@ -190,15 +235,19 @@ class Caller:
         ):
             deadline = ctx.deadline
             message = "the context's deadline passed before the call finished"
-        return Batch(
+        batch = Batch(
             payloads,
             deadline=deadline,
-            cancel_grace=options.cancel_grace,
+            options=options,
             timeout_message=message,
-            measure=measure or options.memory_limit is not None,
-            memory_limit=options.memory_limit,
+            measure=measure,
             open_input=open_input,
+            keep_going=keep_going,
+            chunked=chunked,
+            items_alone=self.items_alone,
         )
+        batch.started_at = now
+        return batch
 
     def launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Launch:
         """Submit ``batch``: from here on its tasks may run. :meth:`finish` cleans up."""
@@ -294,21 +343,30 @@ class BatchAlloter:
         return self._caller.report(tasks, ctx)
 
     def map(
-        self, fn: Callable[[T], R], iterable: Iterable[T], *, chunksize: int | None = None
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        *,
+        chunksize: int | None = None,
+        errors: str = "raise",
     ) -> list[R]:
         """``fn(item)`` for every item, results in order, with the outcomes of :meth:`exec`.
 
         A failure's ``TaskError.index`` is the item's position. Items travel in chunks
         (``chunksize=None`` picks a size) so that tiny functions run at full speed.
+        ``errors="return"``: an item whose call failed (raised, crashed, timed out)
+        gives its :class:`TaskError` in place of its result, and every other item
+        still runs; the call's timeout and a cancellation still end everything.
         """
+        keep_going = _check_errors(errors)
         if not isinstance(iterable, Sized):
-            return list(self.imap(fn, iterable, chunksize=chunksize, ordered=True))
+            return list(self.imap(fn, iterable, chunksize=chunksize, errors=errors))
         _check_fn(fn)
         chunksize = check_chunksize(chunksize)
         # A sequence is sliced as it is (a range stays a range); anything else is listed.
         source: Any = iterable
         items = source if isinstance(source, Sequence) else list(source)
-        return self._caller.map(fn, items, chunksize)
+        return self._caller.map(fn, items, chunksize, keep_going=keep_going)
 
     def imap(
         self,
@@ -317,22 +375,72 @@ class BatchAlloter:
         *,
         chunksize: int | None = None,
         ordered: bool = True,
+        errors: str = "raise",
     ) -> Iterator[R]:
         """Like :meth:`map`, yielding results as they come.
 
         In input order, or in completion order with ``ordered=False``. The iterable
         is read lazily with a bounded number of items in flight. Closing the iterator
         early ends the outstanding work; the timeout counts from this call.
+        ``errors`` as for :meth:`map`.
         """
+        keep_going = _check_errors(errors)
         _check_fn(fn)
         chunksize = check_chunksize(chunksize)
-        return _mapping.imap(self._caller, fn, iterable, chunksize, ordered)
+        return _mapping.imap(self._caller, fn, iterable, chunksize, ordered, keep_going)
+
+    def with_options(self: _A, **options: Any) -> _A:
+        """A new alloter with some options of a call replaced, on the same workers.
+
+        ``timeout``, ``task_timeout``, ``cancel_grace``, ``retries``, ``retry_on``,
+        ``retry_delay``, ``memory_limit`` and ``progress`` may be replaced; the new
+        alloter shares this one's workers and its ``limit`` (the tasks of both count
+        against it together). Options that shape the workers (``limit``,
+        ``start_method``, ``initializer``, ...) raise ``TypeError``. Closing the new
+        alloter never closes this one.
+        """
+        shaping = sorted(set(options) & _WORKER_OPTIONS)
+        if shaping:
+            raise TypeError(
+                f"with_options() cannot change {', '.join(shaping)}: it shapes the workers, "
+                "which the new alloter shares (make a new alloter instead)"
+            )
+        return self._derive(self._caller.options.replace(**options))
+
+    def _derive(self: _A, options: CallOptions) -> _A:
+        """A new alloter sharing this one's runner and limit, with ``options``."""
+        raise NotImplementedError
 
     def __enter__(self: _A) -> _A:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# Options of a constructor that shape the workers, not a call.
+_WORKER_OPTIONS = frozenset(
+    {
+        "limit",
+        "start_method",
+        "initializer",
+        "initargs",
+        "max_tasks_per_worker",
+        "threads_per_worker",
+        "address",
+        "num_cpus",
+        "pool",
+    }
+)
+
+
+def _check_errors(errors: object) -> bool:
+    """``errors="raise"`` -> ``False``, ``"return"`` -> ``True`` (keep going)."""
+    if errors == "raise":
+        return False
+    if errors == "return":
+        return True
+    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
 
 
 def _check_fn(fn: object) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "TaskError",
+    "TaskTimeout",
     "WorkerCrashed",
     "describe_exitcode",
     "signal_name",
@@ -136,6 +137,20 @@ class MemoryLimitExceeded(WorkerCrashed):
         super().__init__(index, exitcode, pid, message)
         self.limit = limit
         self.peak_rss = peak_rss
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """Task ``index`` ran longer than its own ``task_timeout`` (``timeout`` seconds).
+
+    It was told through :func:`alloter_mp.cancelled` and, if it did not return within
+    ``cancel_grace``, its worker was killed with every process it started.
+    """
+
+    def __init__(self, index: int, timeout: float, message: str = "") -> None:
+        super().__init__(
+            index, message or f"ran longer than its task_timeout of {timeout:g} s and was ended"
+        )
+        self.timeout = timeout
 
 
 class ExecTimeout(AlloterError, TimeoutError):

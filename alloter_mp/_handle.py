@@ -46,6 +46,7 @@ class WorkerHandle:
     """One worker process and what the supervisor knows about it."""
 
     __slots__ = (
+        "alone_kill_at",
         "blob_id",
         "conn",
         "conn_open",
@@ -65,6 +66,7 @@ class WorkerHandle:
         "stopping",
         "tasks_done",
         "tree",
+        "tt_check",
         "words",
         "words_array",
     )
@@ -86,6 +88,8 @@ class WorkerHandle:
         self.stopping = False
         self.kill_reason: KillReason | None = None
         self.kill_deadline: float | None = None
+        self.tt_check: float | None = None  # when to look at its task's timeout again
+        self.alone_kill_at: float | None = None  # its task was ended alone: kill then
         self.tree: list[psutil.Process] = []
         self.mem_peak = 0
         self.init_error: _transport.ExceptionInfo | None = None

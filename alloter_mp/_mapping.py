@@ -46,13 +46,16 @@ class Chunk:
         self.items = items
         self.start = start
 
-    def __call__(self) -> list[Any]:
+    def __call__(self) -> list[Any] | None:
         fn = self.fn
         items = self.items
         shared = _task.chunk_words()
         if shared is None:  # not in a pool worker (on Ray, or called directly)
             return self._run_slowly()
         words, batch_id = shared
+        if _task.state.per_item:
+            self._run_items(words, batch_id)
+            return None
         cancel, item = _words.CANCEL_BATCH, _words.ITEM
         out: list[Any] = []
         append = out.append
@@ -72,6 +75,39 @@ class Chunk:
                 setattr(exc, _transport.OFFSET_ATTR, offset)
             raise
         return out
+
+    def _run_items(self, words: memoryview, batch_id: int) -> None:
+        """Run the items one by one, each reported as it ends (see ``per_item``).
+
+        Each item is a task of its own here: it has its own start, deadline and key
+        (so it alone can be told to stop), and its failure is its own outcome.
+        """
+        state = _task.state
+        sink = state.item_sink
+        assert sink is not None
+        fn, items, seq = self.fn, self.items, state.seq
+        offsets = state.offsets if state.offsets is not None else range(len(items))
+        for offset in offsets:
+            if words[_words.CANCEL_BATCH] == batch_id:
+                raise Cancelled("the call was cancelled")
+            start = time.monotonic()
+            words[_words.START_NS] = int(start * 1e9)
+            words[_words.ITEM] = offset
+            state.key = _words.task_key(seq, offset)
+            state.deadline = _task.sooner(state.call_deadline, state.task_timeout, start)
+            try:
+                value = fn(items[offset])
+            except BaseException as exc:
+                sink(
+                    seq, offset, _task.ERR, _transport.capture_exception(exc, skip_frames=1), start
+                )
+                continue
+            try:
+                body = _transport.dumps_result(value)
+            except BaseException as exc:
+                sink(seq, offset, _task.ERR, _task.unpicklable_result(value, exc), start)
+            else:
+                sink(seq, offset, _task.OK, body, start)
 
     def _run_slowly(self) -> list[Any]:
         # The same rules through the public in-task API: cancellation looked at once
@@ -120,11 +156,13 @@ def imap(
     iterable: Iterable[Any],
     chunksize: int | None,
     ordered: bool,
+    keep_going: bool = False,
 ) -> Iterator[Any]:
     """The body of ``imap`` (arguments already checked)."""
     length = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+    chunksize = caller.chunksize_for(chunksize, keep_going)
     size = chunksize or _auto_chunksize(length, caller.parallelism)
-    batch = caller.new_batch([], None, open_input=True)
+    batch = caller.new_batch([], None, open_input=True, keep_going=keep_going, chunked=True)
     return _Feeder(caller, fn, iter(iterable), size, ordered, batch, length).run()
 
 

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ._errors import TaskTimeout, WorkerCrashed
+
 __all__ = [
     "CallOptions",
     "check_bytes",
@@ -88,7 +90,11 @@ class CallOptions:
     """The options that shape a call (not the workers); ``with_options`` replaces them."""
 
     timeout: float | None = None
+    task_timeout: float | None = None
     cancel_grace: float = 0.5
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = (WorkerCrashed, TaskTimeout)
+    retry_delay: float = 0.0
     memory_limit: int | None = None
     progress: bool = False
 
@@ -117,9 +123,28 @@ def _grace(value: Any) -> float:
     return 0.0 if grace is None else grace
 
 
+def _retry_on(value: Any) -> tuple[type[BaseException], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple) or not all(
+        isinstance(cls, type) and issubclass(cls, BaseException) for cls in value
+    ):
+        raise TypeError(f"retry_on must be a tuple of exception classes, not {value!r}")
+    return value
+
+
+def _retry_delay(value: Any) -> float:
+    delay = check_seconds("retry_delay", value, allow_zero=True)
+    return 0.0 if delay is None else delay
+
+
 _CHECKS: dict[str, Any] = {
     "timeout": lambda v: check_seconds("timeout", v),
+    "task_timeout": lambda v: check_seconds("task_timeout", v),
     "cancel_grace": _grace,
+    "retries": lambda v: check_count("retries", v),
+    "retry_on": _retry_on,
+    "retry_delay": _retry_delay,
     "memory_limit": lambda v: check_bytes("memory_limit", v),
     "progress": bool,
 }

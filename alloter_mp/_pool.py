@@ -72,8 +72,8 @@ from ._errors import (
 )
 from ._handle import WorkerHandle, WorkerStats
 from ._options import check_count, check_limit, default_limit
-from ._outcome import report_outcome
-from ._states import KillReason
+from ._outcome import report_item, report_outcome
+from ._states import KillReason, TaskStatus
 
 __all__ = ["DEFAULT_START_METHOD", "PoolRun", "Quota", "WorkerPool", "elastic_pool", "submit"]
 
@@ -140,13 +140,22 @@ class Quota:
 class PoolRun:
     """The pool's bookkeeping for one batch it runs."""
 
-    __slots__ = ("avg_wall", "batch", "end_handled", "quota")
+    __slots__ = ("avg_wall", "batch", "end_handled", "params", "quota")
 
     def __init__(self, batch: Batch, quota: Quota) -> None:
         self.batch = batch
         self.quota = quota
         self.end_handled = False  # the workers holding its tasks were told it ended
         self.avg_wall: float | None = None  # the batch's task times, for sending ahead
+        # What every TASKS message of this batch tells the worker (see _worker).
+        self.params = (
+            batch.id,
+            batch.deadline,
+            batch.measure,
+            batch.fail_fast,
+            batch.task_timeout,
+            batch.per_item,
+        )
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -365,6 +374,9 @@ class WorkerPool:
             if not batch.ending:
                 if batch.deadline is not None:
                     times.append(batch.deadline)
+                ready = batch.next_ready_at()
+                if ready is not None:
+                    times.append(ready)
             elif not batch.settled.is_set():
                 grace = batch.grace_deadline
                 if grace is not None and any(w.run is run for w in self._workers):
@@ -372,8 +384,13 @@ class WorkerPool:
         for w in self._workers:
             if w.kill_deadline is not None:
                 times.append(w.kill_deadline)
-            elif w.pipeline and w.kill_reason is None and _memory_limit(w) is not None:
-                times.append(time.monotonic() + MEMORY_SAMPLE)
+            elif w.pipeline and w.kill_reason is None:
+                if _memory_limit(w) is not None:
+                    times.append(time.monotonic() + MEMORY_SAMPLE)
+                if w.tt_check is not None:
+                    times.append(w.tt_check)
+                if w.alone_kill_at is not None:
+                    times.append(w.alone_kill_at)
         return min(times) if times else None
 
     def _check_timers(self, now: float) -> None:
@@ -388,6 +405,36 @@ class WorkerPool:
                 limit = _memory_limit(w)
                 if limit is not None:
                     self._sample_memory(w, limit, now)
+                self._check_task_timeout(w, now)
+
+    def _check_task_timeout(self, w: WorkerHandle, now: float) -> None:
+        """End the task a worker runs once it has run longer than its task timeout.
+
+        The worker says in its words which task (and chunk item) runs since when; the
+        next look is due at that task's deadline, or, while none runs, a whole task
+        timeout from now (no task starting after now can time out sooner).
+        """
+        w.tt_check = None
+        batch = None if w.run is None else w.run.batch
+        if batch is None or batch.task_timeout is None or batch.ending:
+            return
+        words = w.words
+        seq, item = int(words[_words.RUNNING]), int(words[_words.ITEM])
+        start = words[_words.START_NS] / 1e9
+        if seq != int(words[_words.RUNNING]) or item != int(words[_words.ITEM]):
+            w.tt_check = now + 0.001  # it moved on while we read: look again at once
+            return
+        if seq == 0:
+            w.tt_check = now + batch.task_timeout
+            return
+        deadline = start + batch.task_timeout
+        if now < deadline:
+            w.tt_check = deadline
+            return
+        for sent, slot in w.pipeline:
+            if sent == seq:
+                batch.end_task(slot, TaskStatus.TIMEOUT, item if slot.item_state is not None else 0)
+                break
 
     def _sample_memory(self, w: WorkerHandle, limit: int, now: float) -> None:
         rss = w.read_rss()
@@ -412,6 +459,33 @@ class WorkerPool:
                 for w in holders:
                     if w.kill_reason is None:
                         w.kill(KillReason.END, now)
+        for w in self._workers:
+            w.alone_kill_at = None
+            if w.run is not None and w.run.batch.alone and w.kill_reason is None:
+                self._end_alone(w, w.run.batch, now)
+
+    def _end_alone(self, w: WorkerHandle, batch: Batch, now: float) -> None:
+        """Tell (then kill after the grace) a task of ``w`` that was ended on its own.
+
+        One not started yet is skipped instead, with the tasks sent after it (which go
+        back to the queue): the worker checks the skip range before each task.
+        """
+        for seq, slot in w.pipeline:
+            if slot.ended_alone is None:
+                continue
+            words = w.words
+            if seq > int(words[_words.STARTED]):
+                if not words[_words.SKIP_FROM] <= seq <= words[_words.SKIP_TO]:
+                    # The lower bound first: the range is never wider than meant.
+                    words[_words.SKIP_FROM] = seq
+                    words[_words.SKIP_TO] = w.seq
+                return
+            item = slot.ended_item if slot.item_state is not None else 0
+            words[_words.CANCEL_TASK] = _words.task_key(seq, item)
+            w.alone_kill_at = slot.ended_at + batch.cancel_grace
+            if now >= w.alone_kill_at:
+                w.kill(KillReason.TASK, now)
+            return
 
     def _forget_settled(self) -> None:
         if any(run.batch.settled.is_set() for run in self._runs):
@@ -482,13 +556,10 @@ class WorkerPool:
         items = []
         for s in slots:
             w.seq += 1
-            items.append((w.seq, s.index, s.payload))
+            items.append((w.seq, s.index, s.payload, batch.prepare_items(s)))
             w.pipeline.append((w.seq, s))
             s.pid = w.pid
-        message = pickle.dumps(
-            (_worker.TASKS, batch.id, batch.deadline, batch.measure, True, blob, items),
-            _transport.PROTOCOL,
-        )
+        message = pickle.dumps((_worker.TASKS, run.params, blob, items), _transport.PROTOCOL)
         w.inflight += len(message)
         try:
             w.conn.send_bytes(message)
@@ -532,17 +603,24 @@ class WorkerPool:
         if kind == _worker.INIT_FAILED:
             w.init_error = msg[1]
             return
-        _, batch_id, items = msg
         run = w.run
-        assert run is not None and run.batch.id == batch_id, "result for a batch the worker lacks"
+        assert run is not None and run.batch.id == msg[1], "result for a batch the worker lacks"
         batch = run.batch
-        for seq, code, body, wall, cpu, peak in items:
+        if kind == _worker.ITEM:
+            _, _, seq, offset, code, body, start = msg
+            slot = _find(w, seq)
+            batch.started(slot, start)
+            report_item(batch, slot, offset, code == _task.OK, body)
+            return
+        for seq, code, body, wall, cpu, peak, start in msg[2]:
             sent, slot = w.pipeline.popleft()
             assert sent == seq, "worker answered out of order"
-            slot.wall_s, slot.cpu_s, slot.peak_rss = wall, cpu, peak
             if code == _worker.SKIPPED:
-                batch.task_skipped(slot)
+                if not batch.task_unstarted(slot):
+                    batch.task_killed(slot)
                 continue
+            slot.wall_s, slot.cpu_s, slot.peak_rss = wall, cpu, peak
+            batch.started(slot, start)
             w.tasks_done += 1
             run.avg_wall = wall if run.avg_wall is None else 0.8 * run.avg_wall + 0.2 * wall
             report_outcome(batch, slot, code == _task.OK, body)
@@ -607,42 +685,48 @@ class WorkerPool:
         if head is None and never and w.init_error is not None:
             head = never.pop(0)  # its initializer failed: the first task tells the caller
         if head is not None:
+            if running:
+                batch.started(head, w.words[_words.START_NS] / 1e9)
             # A chunk runner keeps the offset of the item it runs in ITEM.
             offset = int(w.words[_words.ITEM]) if running else 0
             self._blame(w, batch, head, head.base + offset, exitcode)
         for slot in lost:
-            batch.task_killed(slot)
+            if slot.item_state is not None:
+                batch.run_interrupted(slot)  # its items were each reported already
+            else:
+                batch.task_killed(slot)
         for slot in never:
-            if not batch.requeue(slot):
+            if not batch.task_unstarted(slot):
                 self._blame(w, batch, slot, slot.base, exitcode)
 
     def _blame(
         self, w: WorkerHandle, batch: Batch, slot: Slot, index: int, exitcode: int | None
     ) -> None:
         """Settle the task a worker's death belongs to, by why the worker died."""
+        slot.wall_s = slot.wall_s or (time.monotonic() - slot.started)
+        if w.kill_reason in (KillReason.END, KillReason.CLOSE, KillReason.TASK):
+            batch.task_killed(slot)
+            return
         if w.kill_reason is KillReason.MEMORY:
             limit = _memory_limit(w) or 0
-            batch.task_failed(
-                slot,
-                MemoryLimitExceeded(index, limit, w.mem_peak, w.pid, exitcode),
-                crashed=True,
-            )
+            error: TaskError = MemoryLimitExceeded(index, limit, w.mem_peak, w.pid, exitcode)
             slot.peak_rss = max(slot.peak_rss, w.mem_peak)
-        elif w.kill_reason in (KillReason.END, KillReason.CLOSE):
-            batch.task_killed(slot)
-        elif w.init_error is not None:
+        elif w.init_error is None:
+            error = WorkerCrashed(index, exitcode, w.pid)
+        else:
             info = w.init_error
-            cause = _transport.rebuild_exception(info)
             error = TaskError(
                 index,
                 f"the worker's initializer failed: {info.type_name}: {info.message}",
                 info.traceback,
             )
-            error.__cause__ = cause
-            batch.task_failed(slot, error, crashed=True)
-        else:
-            batch.task_failed(slot, WorkerCrashed(index, exitcode, w.pid), crashed=True)
-        slot.wall_s = slot.wall_s or (time.monotonic() - slot.started)
+            error.__cause__ = _transport.rebuild_exception(info)
+        if slot.item_state is not None and slot.status is TaskStatus.RUNNING:
+            # Only the item that was running fails; the rest of the chunk runs on.
+            batch.item_failed(slot, index - slot.base, error, crashed=True)
+            batch.run_interrupted(slot)
+            return
+        batch.task_failed(slot, error, crashed=True)
 
     def _release(self) -> None:
         self._selector.close()
@@ -656,6 +740,13 @@ class WorkerPool:
         _live_pools.discard(self)
 
 
+def _find(w: WorkerHandle, seq: int) -> Slot:
+    for sent, slot in w.pipeline:
+        if sent == seq:
+            return slot
+    raise AssertionError(f"worker {w.pid} reported task {seq}, which it does not hold")
+
+
 def _memory_limit(w: WorkerHandle) -> int | None:
     return None if w.run is None else w.run.batch.memory_limit
 
@@ -664,7 +755,7 @@ def _ahead_depth(run: PoolRun) -> int:
     if run.avg_wall is None:
         # Nothing measured yet: a map's even chunks may go two to a worker, so it
         # never waits for a round trip between them; other tasks go one at a time.
-        return 2 if run.batch.chunked else 1
+        return 2 if run.batch.even else 1
     return max(1, min(AHEAD_MOST, int(AHEAD_SECONDS / max(run.avg_wall, 1e-6))))
 
 

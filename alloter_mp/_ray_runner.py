@@ -38,6 +38,7 @@ from ._batch import Batch, Slot
 from ._errors import AlloterError, Cancelled, MemoryLimitExceeded, TaskError, WorkerCrashed
 from ._outcome import report_outcome
 from ._ray_task import Board, run_task
+from ._states import TaskStatus
 
 __all__ = ["RayRunner", "import_ray"]
 
@@ -265,6 +266,9 @@ class RayRunner:
                 at = grace + FORCE_LATE if unkilled and grace is not None else None
             else:
                 at = batch.deadline
+                ready = batch.next_ready_at()
+                if ready is not None and (at is None or ready < at):
+                    at = ready
             if at is not None and (soonest is None or at < soonest):
                 soonest = at
         for running in self._in_flight.values():
@@ -356,6 +360,7 @@ class RayRunner:
                 run.paths,
                 confirm,
                 batch.cancel_grace,
+                batch.task_timeout,
             )
         except Exception as exc:
             batch.task_failed(
@@ -381,11 +386,14 @@ class RayRunner:
             _kills_may_come_until(time.monotonic())  # the window counts from a kill's end too
         batch, slot = running.run.batch, running.slot
         try:
-            code, body, wall, cpu, peak, pid = self._ray.get(ref)
+            code, body, wall, cpu, peak, pid, start, timed_out = self._ray.get(ref)
         except Exception as exc:
             self._settle_failure(running, exc)
             return
         slot.wall_s, slot.cpu_s, slot.peak_rss, slot.pid = wall, cpu, peak, pid
+        batch.started(slot, time.monotonic() - (time.time() - start))
+        if timed_out:
+            batch.end_task(slot, TaskStatus.TIMEOUT)
         report_outcome(batch, slot, code == 0, body)
 
     def _settle_failure(self, running: _Running, exc: BaseException) -> None:
@@ -395,6 +403,15 @@ class RayRunner:
         if running.told or running.killed_at is not None:
             if batch.measure:  # a report shows the worker even of a killed task
                 slot.pid = self._pid_of(run.key, slot.index)[1]
+            batch.task_killed(slot)
+            return
+        if (
+            batch.task_timeout is not None
+            and self._ask_board("was_timed_out", run.key, slot.index)[1]
+        ):
+            # Its watchdog ended it at its task timeout and killed its worker.
+            slot.pid = self._pid_of(run.key, slot.index)[1]
+            batch.end_task(slot, TaskStatus.TIMEOUT)
             batch.task_killed(slot)
             return
         known, slot.pid = self._pid_of(run.key, slot.index)

@@ -34,7 +34,7 @@ import psutil
 
 from . import _transport
 from ._measure import PeakMeter
-from ._task import execute, foreign_task
+from ._task import execute, foreign_task, sooner
 
 __all__ = ["WAIT_SECONDS", "Board", "run_task"]
 
@@ -64,6 +64,7 @@ class Board:
         self._ended: dict[int, asyncio.Event] = {}
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
         self._pids: dict[tuple[int, int], int] = {}
+        self._timeouts: set[tuple[int, int]] = set()
 
     def _event(self, key: int) -> asyncio.Event:
         event = self._ended.get(key)
@@ -106,6 +107,16 @@ class Board:
         """``(peak, pid)`` if task ``index`` of batch ``key`` was killed for its memory."""
         return self._kills.pop((key, index), None)
 
+    async def timed_out(self, key: int, index: int) -> None:
+        """Task ``index`` of batch ``key`` ran past its task timeout (it may be killed next)."""
+        self._timeouts.add((key, index))
+
+    async def was_timed_out(self, key: int, index: int) -> bool:
+        """Whether task ``index`` of batch ``key`` ran past its task timeout."""
+        found = (key, index) in self._timeouts
+        self._timeouts.discard((key, index))
+        return found
+
     async def forget(self, key: int) -> None:
         """Batch ``key`` is settled: drop what is known of it."""
         event = self._ended.pop(key, None)
@@ -114,6 +125,7 @@ class Board:
         for table in (self._kills, self._pids):
             for k in [k for k in table if k[0] == key]:
                 del table[k]
+        self._timeouts = {k for k in self._timeouts if k[0] != key}
 
 
 def run_task(
@@ -127,7 +139,8 @@ def run_task(
     paths: tuple[str, ...],
     confirm: bool,
     grace: float,
-) -> tuple[int, Any, float, float, int, int]:
+    task_timeout: float | None = None,
+) -> tuple[int, Any, float, float, int, int, float, bool]:
     """The Ray remote function: run one pickled task, measured.
 
     ``board_name`` names the driver's board actor (a name is cheaper to send than
@@ -136,9 +149,11 @@ def run_task(
     imports by path (a test directory, a script's folder) import here too, where
     those folders exist. With ``confirm`` the task waits until the board has its
     worker's pid before it runs. ``grace`` is how long the task may run on once its
-    batch has ended before it kills its own worker (see :class:`_Watchdog`). Returns ``(code, body, wall, cpu, peak, pid)``; it never
-    raises for what the task does, so an exception out of Ray means the worker or
-    Ray itself failed.
+    batch has ended before it kills its own worker (see :class:`_Watchdog`), which
+    also ends the task on its own ``task_timeout`` seconds after it started. Returns
+    ``(code, body, wall, cpu, peak, pid, start, timed_out)`` (``start`` in wall-clock
+    seconds); it never raises for what the task does, so an exception out of Ray
+    means the worker or Ray itself failed.
     """
     global _meter
     if _meter is None:
@@ -154,24 +169,26 @@ def run_task(
         # forced cancel do it.
         with contextlib.suppress(Exception):
             ray_get(notice, timeout=_BOARD_TIMEOUT)
+    start_wall, start = time.time(), time.monotonic()
     deadline = None
     if deadline_wall is not None:
-        deadline = time.monotonic() + (deadline_wall - time.time())
+        deadline = start + (deadline_wall - start_wall)
+    own_deadline = None if task_timeout is None else start + task_timeout
     probe = _Probe()
     guard = None
     if memory_limit is not None:
         guard = _MemoryGuard(memory_limit, board, key, index)
-    watchdog = _Watchdog(board, key, grace, probe)
+    watchdog = _Watchdog(board, key, index, grace, probe, own_deadline)
     probe.install()
     try:
-        with foreign_task(deadline, probe):
+        with foreign_task(sooner(deadline, task_timeout, start), probe):
             outcome = execute(_transport.loads, (payload,), measure or guard is not None, _meter)
     finally:
         watchdog.finish()  # from here on it never kills: the reply is on its way
         probe.uninstall()
         if guard is not None:
             guard.close()
-    return (*outcome, os.getpid())
+    return (*outcome, os.getpid(), start_wall, watchdog.timed_out)
 
 
 _adopted: tuple[str, ...] = ()
@@ -266,13 +283,28 @@ class _Watchdog:
     that had just finished; a worker that dies is an ordinary event for Ray. The
     driver still cancels with force, later, a task this thread could not end (one
     stuck in C code holding the GIL).
+
+    With ``own_deadline`` (the task's own timeout) the watchdog ends the task the
+    same way when that passes, after noting it on the board (``timed_out`` says so
+    in the task's reply, if it returns by itself within the grace).
     """
 
-    def __init__(self, board: Any, key: int, grace: float, probe: _Probe) -> None:
+    def __init__(
+        self,
+        board: Any,
+        key: int,
+        index: int,
+        grace: float,
+        probe: _Probe,
+        own_deadline: float | None = None,
+    ) -> None:
         self._board = board
         self._key = key
+        self._index = index
         self._grace = grace
         self._probe = probe
+        self._own_deadline = own_deadline
+        self.timed_out = False
         self._lock = threading.Lock()
         self._done = threading.Event()
         thread = threading.Thread(target=self._watch, name="alloter_mp-watchdog", daemon=True)
@@ -280,8 +312,15 @@ class _Watchdog:
 
     def _watch(self) -> None:
         while not self._done.is_set():
+            wait = WAIT_SECONDS
+            if self._own_deadline is not None:
+                left = self._own_deadline - time.monotonic()
+                if left <= 0:
+                    self._time_out()
+                    break
+                wait = min(wait, left)
             try:
-                ended = ray_get(self._board.wait_end.remote(self._key, WAIT_SECONDS), 30.0)
+                ended = ray_get(self._board.wait_end.remote(self._key, wait), 30.0 + wait)
             except Exception:
                 return  # the board is gone: the driver's forced cancel remains
             if ended:
@@ -295,6 +334,14 @@ class _Watchdog:
             if self._done.is_set():
                 return
             _kill_this_worker()
+
+    def _time_out(self) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.timed_out = True
+        with contextlib.suppress(Exception):  # noted before the kill can come
+            ray_get(self._board.timed_out.remote(self._key, self._index), _BOARD_TIMEOUT)
 
     def finish(self) -> None:
         # Under the lock: a kill already decided completes before the reply is sent.

@@ -31,6 +31,9 @@ class TaskReport:
     or ``"skipped"``. ``wall_s`` and ``cpu_s`` (user + system of the worker) are
     seconds spent in the task; ``peak_rss`` is the worker's peak resident memory
     during the task, in bytes; ``pid`` the worker that ran it (``None`` if none did).
+    ``attempts`` counts its runs (more than one when it was retried; 0 if it never
+    started); ``start_s`` is when it first started, in seconds from the call's start
+    (``None`` if it never started).
     """
 
     index: int
@@ -41,6 +44,8 @@ class TaskReport:
     cpu_s: float = 0.0
     peak_rss: int = 0
     pid: int | None = None
+    attempts: int = 0
+    start_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (without the result)."""
@@ -55,6 +60,8 @@ class TaskReport:
             "cpu_s": round(self.cpu_s, 6),
             "peak_rss": self.peak_rss,
             "pid": self.pid,
+            "attempts": self.attempts,
+            "start_s": None if self.start_s is None else round(self.start_s, 6),
         }
 
 
@@ -146,6 +153,8 @@ def build_report(batch: Batch, wall_s: float) -> Report:
             cpu_s=s.cpu_s,
             peak_rss=s.peak_rss,
             pid=s.pid if s.status is not TaskStatus.SKIPPED else None,
+            attempts=s.attempts,
+            start_s=None if s.start_at is None else max(0.0, s.start_at - batch.started_at),
         )
         for s in batch.slots
     ]

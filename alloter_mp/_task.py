@@ -43,15 +43,37 @@ ERR = 1
 class TaskState:
     """What the in-task API reads; set by the engine around each task."""
 
-    __slots__ = ("batch_id", "deadline", "in_task", "key", "local_cancel", "probe", "words")
+    __slots__ = (
+        "batch_id",
+        "call_deadline",
+        "deadline",
+        "in_task",
+        "item_sink",
+        "key",
+        "local_cancel",
+        "offsets",
+        "per_item",
+        "probe",
+        "seq",
+        "task_timeout",
+        "words",
+    )
 
     def __init__(self) -> None:
         self.words: memoryview | None = None  # a pool worker's shared words
         self.batch_id = 0
+        self.seq = 0  # the running task's number on this worker
         self.key = 0  # the running task's words.task_key()
         self.local_cancel = -1  # a batch this worker saw fail: the rest of it is cancelled
+        self.call_deadline: float | None = None  # the call's deadline
+        self.task_timeout: float | None = None  # each task's (each chunk item's) own
         self.deadline: float | None = None  # the sooner of the call's and the task's own
         self.in_task = False
+        # A map chunk whose items are judged one by one: which items to run, and
+        # where each item's outcome goes (sink(seq, offset, code, body, start)).
+        self.per_item = False
+        self.offsets: list[int] | None = None
+        self.item_sink: Callable[[int, int, int, Any, float], None] | None = None
         # How a task run by another engine (Ray) asks whether it was cancelled.
         self.probe: Callable[[], bool] | None = None
 
@@ -97,6 +119,14 @@ def time_left() -> float | None:
     if not state.in_task or state.deadline is None:
         return None
     return max(0.0, state.deadline - time.monotonic())
+
+
+def sooner(deadline: float | None, timeout: float | None, start: float) -> float | None:
+    """The sooner of ``deadline`` and ``start + timeout`` (either may be ``None``)."""
+    if timeout is None:
+        return deadline
+    own = start + timeout
+    return own if deadline is None or own < deadline else deadline
 
 
 def chunk_words() -> tuple[memoryview, int] | None:
@@ -155,7 +185,7 @@ def execute(
             body = _transport.dumps_result(result)
         except BaseException as exc:
             code = ERR
-            body = _unpicklable_result(result, exc)
+            body = unpicklable_result(result, exc)
         del result
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
@@ -163,7 +193,8 @@ def execute(
     return (code, body, wall, cpu, peak)
 
 
-def _unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:
+def unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:
+    """The error sent for a task whose result cannot be pickled."""
     info = _transport.capture_exception(exc)
     message = f"the task's result ({type(result).__name__}) cannot be pickled: {info.message}"
     # Send the pickling error itself as the cause, with a message that says what failed.

@@ -30,6 +30,8 @@ __all__ = [
     "COUNT",
     "ITEM",
     "RUNNING",
+    "SKIP_FROM",
+    "SKIP_TO",
     "STARTED",
     "START_NS",
     "new_words",
@@ -40,12 +42,14 @@ __all__ = [
 # Written by the parent.
 CANCEL_BATCH = 0  # the id of a batch that has ended: its tasks are cancelled
 CANCEL_TASK = 1  # the task_key() of one task the parent ended on its own
+SKIP_FROM = 6  # tasks with SKIP_FROM <= seq <= SKIP_TO are skipped without starting
+SKIP_TO = 7
 # Written by the worker.
 RUNNING = 2  # seq of the task running now; 0 between tasks
 STARTED = 3  # seq of the last task started (it only grows)
 ITEM = 4  # offset, in a map chunk, of the item running now
-START_NS = 5  # time.monotonic_ns() when the running task (or chunk item) started
-COUNT = 6
+START_NS = 5  # time.monotonic() * 1e9 when the running task (or chunk item) started
+COUNT = 8
 
 # Items of a chunk are told apart in a task key by the low bits.
 _ITEM_BITS = 32

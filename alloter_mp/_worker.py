@@ -33,17 +33,22 @@ from typing import Any
 from . import _task, _transport, _words
 from ._measure import PeakMeter
 
-__all__ = ["INIT_FAILED", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
+__all__ = ["INIT_FAILED", "ITEM", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
 
-# Message kinds, parent -> worker.
-# The blob, when not None, is the whole batch's task list pickled at once; items
-# then carry None and the worker takes task ``index`` from it. ``fail_fast``: the
-# first failure ends the batch, so the worker may skip the rest of it at once.
-TASKS = 1  # (TASKS, batch_id, deadline, measure, fail_fast, blob, [(seq, index, payload), ...])
+# Message kinds, parent -> worker:
+#   (TASKS, params, blob, [(seq, index, payload, offsets), ...])
+# ``params`` are the batch's: (batch_id, deadline, measure, fail_fast, task_timeout,
+# per_item). ``fail_fast``: the first failure ends the batch, so the worker may skip
+# the rest of it at once; ``per_item``: a map chunk reports each item as it ends
+# (``offsets``: which of its items to run, None for all). The blob, when not None,
+# is the whole batch's task list pickled at once; items then carry no payload and
+# the worker takes task ``index`` from it.
+TASKS = 1
 STOP = 2  # (STOP,)
 # Worker -> parent.
-RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak), ...])
+RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak, start), ...])
 INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
+ITEM = 5  # (ITEM, batch_id, seq, offset, code, body, start): one item of a chunk
 
 # Result codes: _task.OK, _task.ERR, and:
 SKIPPED = 2  # never started: its batch had ended
@@ -109,8 +114,10 @@ def worker_main(
     _serve(conn)
 
 
-# A task waiting in the worker: (batch_id, deadline, measure, fail_fast, seq, index, payload)
-_Queued = tuple[int, float | None, bool, bool, int, int, bytes | None]
+# The batch's parameters of a TASKS message (see above).
+_Params = tuple[int, float | None, bool, bool, float | None, bool]
+# A task waiting in the worker: (params, seq, index, payload, offsets)
+_Queued = tuple[_Params, int, int, bytes | None, list[int] | None]
 
 
 def _serve(conn: Any) -> None:
@@ -128,7 +135,7 @@ def _serve(conn: Any) -> None:
     poll = conn.poll
     dumps = pickle.dumps
     protocol = _transport.PROTOCOL
-    cancel_batch = _words.CANCEL_BATCH
+    cancel_batch, skip_from, skip_to = _words.CANCEL_BATCH, _words.SKIP_FROM, _words.SKIP_TO
 
     def flush() -> None:
         nonlocal out
@@ -136,6 +143,13 @@ def _serve(conn: Any) -> None:
             send(dumps((RESULTS, out_batch, out), protocol))
             out = []
 
+    def send_item(seq: int, offset: int, code: int, body: Any, start: float) -> None:
+        # An item's outcome goes at once: if the worker dies in the next item, the
+        # ones before it are not lost. Results held back are older: they go first.
+        flush()
+        send(dumps((ITEM, state.batch_id, seq, offset, code, body, start), protocol))
+
+    state.item_sink = send_item
     while True:
         # Block only when there is nothing to do and nothing left to report.
         if not queue:
@@ -150,26 +164,33 @@ def _serve(conn: Any) -> None:
             if msg[0] == STOP:
                 flush()
                 return
-            _, batch_id, deadline, measure, fail_fast, blob, items = msg
+            _, params, blob, items = msg
             if blob is not None:
-                blobs.set(batch_id, blob)
-            for seq, index, payload in items:
-                queue.append((batch_id, deadline, measure, fail_fast, seq, index, payload))
-        batch_id, deadline, measure, fail_fast, seq, index, payload = queue.popleft()
+                blobs.set(params[0], blob)
+            for seq, index, payload, offsets in items:
+                queue.append((params, seq, index, payload, offsets))
+        params, seq, index, payload, offsets = queue.popleft()
+        batch_id = params[0]
         if out and (batch_id != out_batch):
             flush()
         if not out:
             out_batch = batch_id
             out_since = time.monotonic()
-        if words[cancel_batch] == batch_id or state.local_cancel == batch_id:
-            out.append((seq, SKIPPED, None, 0.0, 0.0, 0))
+        if (
+            words[cancel_batch] == batch_id
+            or state.local_cancel == batch_id
+            or words[skip_from] <= seq <= words[skip_to]
+        ):
+            out.append((seq, SKIPPED, None, 0.0, 0.0, 0, 0.0))
             continue
-        item = _run_one(words, batch_id, deadline, measure, seq, index, payload, blobs, meter)
+        item = _run_one(words, params, seq, index, payload, offsets, blobs, meter)
         out.append(item)
-        if item[1] == _task.ERR:
-            if fail_fast:
-                # The failure ends its batch: skip what we hold of it.
-                state.local_cancel = batch_id
+        if not params[3]:
+            # Not fail-fast: each task's outcome stands on its own, so none is held
+            # back where a crash of the next task would lose it.
+            flush()
+        elif item[1] == _task.ERR:
+            state.local_cancel = batch_id  # the failure ends its batch: skip the rest
             flush()  # a failure is news: tell the parent now
         elif len(out) >= _FLUSH_COUNT or time.monotonic() - out_since >= _FLUSH_AFTER:
             flush()
@@ -196,23 +217,29 @@ class _Blobs:
 
 def _run_one(
     words: memoryview,
-    batch_id: int,
-    deadline: float | None,
-    measure: bool,
+    params: _Params,
     seq: int,
     index: int,
     payload: bytes | None,
+    offsets: list[int] | None,
     blobs: _Blobs,
     meter: PeakMeter,
 ) -> tuple[Any, ...]:
+    batch_id, deadline, measure, _, task_timeout, per_item = params
     state = _task.state
     state.batch_id = batch_id
-    state.deadline = deadline
     state.key = _words.task_key(seq)
+    state.seq = seq
+    state.call_deadline = deadline
+    state.task_timeout = task_timeout
+    state.per_item = per_item
+    state.offsets = offsets
+    start = time.monotonic()
+    state.deadline = _task.sooner(deadline, task_timeout, start)
     # The start, said before the task runs: a crash names this task (not one whose
     # result is still held back here), and a task never started is known as such.
-    words[_words.START_NS] = time.monotonic_ns()
-    words[_words.ITEM] = 0
+    words[_words.START_NS] = int(start * 1e9)
+    words[_words.ITEM] = offsets[0] if offsets else 0
     words[_words.RUNNING] = seq
     words[_words.STARTED] = seq
     if payload is None:
@@ -220,4 +247,4 @@ def _run_one(
     else:
         outcome = _task.execute(pickle.loads, (payload,), measure, meter)
     words[_words.RUNNING] = 0
-    return (seq, *outcome)
+    return (seq, *outcome, start)

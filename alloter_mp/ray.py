@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._calls import BatchAlloter, Caller
+from ._errors import TaskTimeout, WorkerCrashed
 from ._options import CallOptions, check_limit
 from ._ray_runner import RayRunner, import_ray
 
@@ -54,7 +55,11 @@ class RayAlloter(BatchAlloter):
         limit: int | None = None,
         *,
         timeout: float | None = None,
+        task_timeout: float | None = None,
         cancel_grace: float = 0.5,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (WorkerCrashed, TaskTimeout),
+        retry_delay: float = 0.0,
         address: str | None = None,
         num_cpus: float = 1,
         memory_limit: int | None = None,
@@ -69,7 +74,14 @@ class RayAlloter(BatchAlloter):
             raise TypeError(f"address must be a str or None, not {type(address).__name__}")
         # Check every option before Ray starts: a bad one must not leave a cluster behind.
         options = CallOptions.checked(
-            timeout=timeout, cancel_grace=cancel_grace, memory_limit=memory_limit, progress=progress
+            timeout=timeout,
+            task_timeout=task_timeout,
+            cancel_grace=cancel_grace,
+            retries=retries,
+            retry_on=retry_on,
+            retry_delay=retry_delay,
+            memory_limit=memory_limit,
+            progress=progress,
         )
         ray = import_ray()
         self._owns_ray = False
@@ -91,18 +103,36 @@ class RayAlloter(BatchAlloter):
             if self._owns_ray:  # leave no Ray behind for an alloter that never was
                 ray.shutdown()
             raise
-        # Each task is its own Ray task: pickled alone (blob_most=0).
-        self._caller = Caller(options, self._runner, limit, blob_most=0)
+        # Each task is its own Ray task: pickled alone (blob_most=0). A map judged
+        # item by item goes one item per Ray task: a Ray task reports only once.
+        self._caller = Caller(options, self._runner, limit, blob_most=0, items_alone=True)
+        self._owns_runner = True
         self._closed = False
         # An alloter dropped without close() still ends its calls and its thread.
-        self._finalizer = weakref.finalize(self, self._runner.close, wait=False)
+        self._finalizer: weakref.finalize[Any, Any] | None = weakref.finalize(
+            self, self._runner.close, wait=False
+        )
+
+    def _derive(self, options: CallOptions) -> RayAlloter:
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._caller = self._caller.with_options(options)
+        other._owns_runner = False
+        other._owns_ray = False
+        other._finalizer = None
+        return other
 
     def close(self) -> None:
-        """End what still runs, and shut Ray down if this alloter started it."""
-        if self._closed:
+        """End what still runs, and shut Ray down if this alloter started it.
+
+        An alloter made by :meth:`with_options` closes nothing: its runner is the
+        original's."""
+        if self._closed or not self._owns_runner:
+            self._closed = True
             return
         self._closed = True
-        self._finalizer.detach()
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._runner.close()
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
