@@ -13,6 +13,7 @@ over to processes.
 
 from ._alloter import Alloter, ProcessAlloter, run
 from ._context import Context
+from ._cpus import available_cpus
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -47,6 +48,7 @@ __all__ = (
     "WorkerPool",
     "WorkerStats",
     "__version__",
+    "available_cpus",
     "cancelled",
     "raise_if_cancelled",
     "run",

@@ -11,7 +11,6 @@ call are the same on both.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 from . import _mapping, _transport
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
+from ._cpus import available_cpus
 from ._errors import Cancelled, ExecTimeout, SerializationError
 from ._progress import attach_progress
 from ._report import Report, build_report
@@ -45,12 +45,12 @@ def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) 
 
 def _check_limit(limit: int | None) -> int:
     if limit is None:
-        return os.cpu_count() or 1
+        return available_cpus()
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
     if limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
-    return limit or (os.cpu_count() or 1)
+    return limit or available_cpus()
 
 
 def _check_memory(memory_limit: int | None) -> int | None:

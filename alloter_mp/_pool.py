@@ -60,6 +60,7 @@ from typing import Any
 
 from . import _transport, _worker
 from ._batch import Batch, Slot, report_outcome
+from ._cpus import available_cpus
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -155,7 +156,7 @@ def _close_all_at_exit() -> None:
 class WorkerPool:
     """A pool of worker processes that one or several alloters may share.
 
-    ``size`` workers at most (``None`` or ``0``: ``os.cpu_count()``), started on first
+    ``size`` workers at most (``None`` or ``0``: :func:`available_cpus`), started on first
     use and kept warm. ``initializer(*initargs)`` runs once in each worker;
     ``max_tasks_per_worker`` replaces a worker after that many tasks. An alloter
     given this pool through ``with_pool`` never closes it: ``close()`` (or the
@@ -172,7 +173,7 @@ class WorkerPool:
         max_tasks_per_worker: int | None = None,
         _elastic: bool = False,
     ) -> None:
-        self._size = _check_count("size", size, default=os.cpu_count() or 1)
+        self._size = _check_count("size", size, default=available_cpus())
         method = start_method if start_method is not None else _default_for_this_main()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
