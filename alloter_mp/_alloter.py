@@ -35,7 +35,9 @@ class ProcessAlloter(BatchAlloter):
     (default ``"forkserver"`` where available); ``initializer(*initargs)`` run in
     each new worker; ``max_tasks_per_worker`` to replace workers after that many
     tasks; ``memory_limit`` in bytes of a worker's resident memory; ``progress`` to
-    show a progress bar on stderr.
+    show a progress bar on stderr; ``threads_per_worker`` for each worker's native
+    thread pools (OpenMP, BLAS, numexpr: default ``available_cpus() // limit``, at
+    least 1; variables set in the environment win).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class ProcessAlloter(BatchAlloter):
         max_tasks_per_worker: int | None = None,
         memory_limit: int | None = None,
         progress: bool = False,
+        threads_per_worker: int | None = None,
     ) -> None:
         self._set_options(_check_limit(limit), timeout, cancel_grace, memory_limit, progress)
         self._options = {
@@ -57,6 +60,7 @@ class ProcessAlloter(BatchAlloter):
             "initializer": initializer,
             "initargs": initargs,
             "max_tasks_per_worker": max_tasks_per_worker,
+            "threads_per_worker": threads_per_worker,
         }
         self._pool = self._make_pool()
         self._owns_pool = True
@@ -121,6 +125,7 @@ class Alloter(ProcessAlloter):
         max_tasks_per_worker: int | None = None,
         memory_limit: int | None = None,
         progress: bool = False,
+        threads_per_worker: int | None = None,
     ) -> None:
         super().__init__(
             None,
@@ -132,6 +137,7 @@ class Alloter(ProcessAlloter):
             max_tasks_per_worker=max_tasks_per_worker,
             memory_limit=memory_limit,
             progress=progress,
+            threads_per_worker=threads_per_worker,
         )
         self._owner.limit = None
 

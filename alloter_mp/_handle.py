@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import _proctree, _transport, _worker
+from . import _proctree, _threads, _transport, _worker
 from ._batch import Batch, Slot
 
 if TYPE_CHECKING:
@@ -90,15 +90,23 @@ class WorkerHandle:
 
     @classmethod
     def start(
-        cls, ctx: Any, lifeline_r: Any, lifeline_w: Any, init_payload: bytes | None
+        cls,
+        ctx: Any,
+        lifeline_r: Any,
+        lifeline_w: Any,
+        init_payload: bytes | None,
+        thread_env: dict[str, str] | None = None,
     ) -> WorkerHandle:
-        """Start a worker process with ``ctx`` (a multiprocessing context)."""
+        """Start a worker process with ``ctx`` (a multiprocessing context).
+
+        ``thread_env``: the native thread-pool variables the worker starts with.
+        """
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         flag = ctx.RawArray("q", 3)  # cancelled batch, chunk offset, running task + 1
         proc = ctx.Process(
             target=_worker.worker_main,
-            args=(child_conn, flag, lifeline_r, lifeline_w, init_payload),
-            name="alloter_mp-worker",
+            args=(child_conn, flag, lifeline_r, lifeline_w, init_payload, thread_env),
+            name=_threads.carrying_env("alloter_mp-worker", thread_env),
             daemon=False,
         )
         proc.start()

@@ -58,7 +58,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _transport, _worker
+from . import _threads, _transport, _worker
 from ._batch import Batch, Slot, report_outcome
 from ._cpus import available_cpus
 from ._errors import (
@@ -158,7 +158,10 @@ class WorkerPool:
 
     ``size`` workers at most (``None`` or ``0``: :func:`available_cpus`), started on first
     use and kept warm. ``initializer(*initargs)`` runs once in each worker;
-    ``max_tasks_per_worker`` replaces a worker after that many tasks. An alloter
+    ``max_tasks_per_worker`` replaces a worker after that many tasks. Each worker's
+    native thread pools (OpenMP, BLAS, numexpr) start with ``threads_per_worker``
+    threads (default: the usable CPUs shared out among ``size`` workers, at least
+    1) unless the environment sets their variables. An alloter
     given this pool through ``with_pool`` never closes it: ``close()`` (or the
     ``with`` block) does.
     """
@@ -171,9 +174,13 @@ class WorkerPool:
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         max_tasks_per_worker: int | None = None,
+        threads_per_worker: int | None = None,
         _elastic: bool = False,
     ) -> None:
         self._size = _check_count("size", size, default=available_cpus())
+        self._threads = _threads.thread_count(
+            self._size, _threads.check_threads_per_worker(threads_per_worker)
+        )
         method = start_method if start_method is not None else _default_for_this_main()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -498,7 +505,13 @@ class WorkerPool:
             self._unwatch_conn(w)
 
     def _spawn(self) -> WorkerHandle:
-        w = WorkerHandle.start(self._ctx, self._lifeline_r, self._lifeline_w, self._init_payload)
+        w = WorkerHandle.start(
+            self._ctx,
+            self._lifeline_r,
+            self._lifeline_w,
+            self._init_payload,
+            _threads.worker_env(self._threads),
+        )
         self._workers.append(w)
         self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
@@ -663,8 +676,7 @@ _preloaded: set[int] = set()
 
 def _preload_worker_in_forkserver(ctx: Any) -> None:
     # Have the fork server import the worker module once, so each new worker starts
-    # with it loaded. Only possible before the server starts; the modules it already
-    # preloads (by default __main__) are kept.
+    # with it loaded. Only possible before the server starts.
     from multiprocessing import forkserver
 
     server = getattr(forkserver, "_forkserver", None)
@@ -673,6 +685,10 @@ def _preload_worker_in_forkserver(ctx: Any) -> None:
     _preloaded.add(id(server))
     if getattr(server, "_forkserver_pid", None) is not None:
         return
-    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if "alloter_mp._worker" not in current:
-        ctx.set_forkserver_preload([*current, "alloter_mp._worker"])
+    # Not __main__: a script's top-level ``import numpy`` would load BLAS in the
+    # server, before a worker can cap its threads (see _threads); each worker imports
+    # __main__ itself, after its thread variables are set. (Python 3.10-3.13 never
+    # preload __main__ anyway: the server looks for a key the parent does not send.)
+    ours = ("__main__", "alloter_mp._worker")
+    current = [m for m in getattr(server, "_preload_modules", None) or [] if m not in ours]
+    ctx.set_forkserver_preload([*current, "alloter_mp._worker"])

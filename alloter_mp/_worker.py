@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _transport
+from . import _threads, _transport
 from ._errors import Cancelled
 from ._measure import PeakMeter
 
@@ -160,9 +160,15 @@ def _become_group_leader() -> None:
 
 
 def worker_main(
-    conn: Any, flag: Any, lifeline: Any, lifeline_w: Any, init_payload: bytes | None
+    conn: Any,
+    flag: Any,
+    lifeline: Any,
+    lifeline_w: Any,
+    init_payload: bytes | None,
+    thread_env: dict[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    _threads.apply_env(thread_env)  # before the initializer or a task loads a BLAS
     _become_group_leader()
     # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
