@@ -10,6 +10,7 @@ files). The affinity part runs a child pinned to one CPU with
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -334,6 +335,7 @@ def test_pinned_child_counts_one_cpu_and_defaults_to_it() -> None:
 
 @needs_affinity
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="1 CPU")
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="no taskset")
 def test_cli_jobs_zero_follows_the_affinity_mask(tmp_path: Path) -> None:
     # Two jobs that each wait for the other to start: with -j 0 on one CPU they run
     # one after the other, so each finds no other running; the marker files say so.
