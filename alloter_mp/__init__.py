@@ -13,6 +13,7 @@ over to processes.
 
 from ._alloter import Alloter, ProcessAlloter, run
 from ._context import Context
+from ._cpus import available_cpus
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -51,6 +52,7 @@ for _name in (
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStats",
+    "available_cpus",
     "cancelled",
     "raise_if_cancelled",
     "run",
@@ -77,6 +79,7 @@ __all__ = (
     "WorkerPool",
     "WorkerStats",
     "__version__",
+    "available_cpus",
     "cancelled",
     "raise_if_cancelled",
     "run",

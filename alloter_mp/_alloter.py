@@ -50,7 +50,9 @@ class ProcessAlloter(BatchAlloter):
     (default ``"forkserver"`` where available); ``initializer(*initargs)`` run in
     each new worker; ``max_tasks_per_worker`` to replace workers after that many
     tasks; ``memory_limit`` in bytes of a worker's resident memory; ``progress`` to
-    show a progress bar on stderr.
+    show a progress bar on stderr; ``threads_per_worker`` for each worker's native
+    thread pools (OpenMP, BLAS, numexpr: default ``available_cpus() // limit``, at
+    least 1; variables set in the environment win).
 
     Per task: ``task_timeout`` seconds a task may run, counted from its own start
     (past it the task is ended and fails with :class:`TaskTimeout`); ``retries``
@@ -74,6 +76,7 @@ class ProcessAlloter(BatchAlloter):
         max_tasks_per_worker: int | None = None,
         memory_limit: int | None = None,
         progress: bool = False,
+        threads_per_worker: int | None = None,
     ) -> None:
         size = check_limit("limit", limit) or default_limit()
         options = CallOptions.checked(
@@ -92,6 +95,7 @@ class ProcessAlloter(BatchAlloter):
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_worker,
+            threads_per_worker=threads_per_worker,
         )
         self._limit: int | None = size
         self._setup(pool, Quota(size), options, owns_pool=True)
@@ -169,6 +173,7 @@ class Alloter(ProcessAlloter):
         max_tasks_per_worker: int | None = None,
         memory_limit: int | None = None,
         progress: bool = False,
+        threads_per_worker: int | None = None,
     ) -> None:
         options = CallOptions.checked(
             timeout=timeout,
@@ -186,6 +191,7 @@ class Alloter(ProcessAlloter):
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_worker,
+            threads_per_worker=threads_per_worker,
         )
         self._limit = None
         self._setup(pool, Quota(None), options, owns_pool=True)

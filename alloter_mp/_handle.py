@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import _proctree, _transport, _words, _worker
+from . import _proctree, _threads, _transport, _words, _worker
 from ._batch import Slot
 from ._states import KillReason
 
@@ -60,6 +60,7 @@ class WorkerHandle:
         "pipeline",
         "proc",
         "ps",
+        "room",
         "run",
         "sentinel",
         "seq",
@@ -85,6 +86,8 @@ class WorkerHandle:
         self.blob_id = 0  # the batch whose task list this worker already has
         self.inflight = 0
         self.tasks_done = 0
+        # How many more tasks it may be sent (max_tasks_per_worker; None: no end).
+        self.room: int | None = None
         self.stopping = False
         self.kill_reason: KillReason | None = None
         self.kill_deadline: float | None = None
@@ -98,20 +101,32 @@ class WorkerHandle:
 
     @classmethod
     def start(
-        cls, ctx: Any, lifeline_r: Any, lifeline_w: Any, init_payload: bytes | None
+        cls,
+        ctx: Any,
+        lifeline_r: Any,
+        lifeline_w: Any,
+        init_payload: bytes | None,
+        thread_env: dict[str, str] | None = None,
     ) -> WorkerHandle:
-        """Start a worker process with ``ctx`` (a multiprocessing context)."""
+        """Start a worker process with ``ctx`` (a multiprocessing context).
+
+        ``thread_env``: the native thread-pool variables the worker starts with.
+        """
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         words = _words.new_words(ctx)
         proc = ctx.Process(
             target=_worker.worker_main,
-            args=(child_conn, words, lifeline_r, lifeline_w, init_payload),
-            name="alloter_mp-worker",
+            args=(child_conn, words, lifeline_r, lifeline_w, init_payload, thread_env),
+            name=_threads.carrying_env("alloter_mp-worker", thread_env),
             daemon=False,
         )
         proc.start()
         child_conn.close()
         return cls(proc, parent_conn, words)
+
+    def cap(self, wanted: int) -> int:
+        """How many of ``wanted`` tasks it may still be sent."""
+        return wanted if self.room is None else min(wanted, self.room)
 
     @property
     def idle(self) -> bool:

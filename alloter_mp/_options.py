@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from ._cpus import available_cpus
 from ._errors import TaskTimeout, WorkerCrashed
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "check_chunksize",
     "check_count",
     "check_limit",
+    "check_positive",
     "check_seconds",
     "default_limit",
 ]
@@ -29,7 +30,7 @@ __all__ = [
 
 def default_limit() -> int:
     """How many tasks run at once when no limit is given: the CPUs this process may use."""
-    return os.cpu_count() or 1
+    return available_cpus()
 
 
 def check_seconds(name: str, value: Any, *, allow_zero: bool = False) -> float | None:
@@ -49,6 +50,17 @@ def check_count(name: str, value: Any, *, allow_zero: bool = True) -> int:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, not {value}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> int | None:
+    """A whole number ``> 0``, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int or None, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, not {value}")
     return value
 
 

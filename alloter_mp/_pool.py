@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _task, _transport, _words, _worker
+from . import _task, _threads, _transport, _words, _worker
 from ._batch import Batch, Slot
 from ._errors import (
     AlloterError,
@@ -71,7 +71,7 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
-from ._options import check_count, check_limit, default_limit
+from ._options import check_limit, check_positive, default_limit
 from ._outcome import report_item, report_outcome
 from ._states import KillReason, TaskStatus
 
@@ -173,9 +173,12 @@ def _close_all_at_exit() -> None:
 class WorkerPool:
     """A pool of worker processes that one or several alloters may share.
 
-    ``size`` workers at most (``None`` or ``0``: ``os.cpu_count()``), started on first
-    use and kept warm. ``initializer(*initargs)`` runs once in each worker;
-    ``max_tasks_per_worker`` replaces a worker after that many tasks. An alloter
+    ``size`` workers at most (``None`` or ``0``: :func:`available_cpus`), started on
+    first use and kept warm. ``initializer(*initargs)`` runs once in each worker;
+    ``max_tasks_per_worker`` replaces a worker after that many tasks. Each worker's
+    native thread pools (OpenMP, BLAS, numexpr) start with ``threads_per_worker``
+    threads (default: the usable CPUs shared out among ``size`` workers, at least
+    1) unless the environment sets their variables. An alloter
     given this pool through ``with_pool`` never closes it: ``close()`` (or the
     ``with`` block) does.
     """
@@ -188,8 +191,12 @@ class WorkerPool:
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         max_tasks_per_worker: int | None = None,
+        threads_per_worker: int | None = None,
     ) -> None:
         self._size = check_limit("size", size) or default_limit()
+        self._threads = _threads.thread_count(
+            self._size, check_positive("threads_per_worker", threads_per_worker)
+        )
         method = start_method if start_method is not None else _default_for_this_main()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -199,8 +206,7 @@ class WorkerPool:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
         initargs = tuple(initargs)
-        if max_tasks_per_worker is not None:
-            check_count("max_tasks_per_worker", max_tasks_per_worker, allow_zero=False)
+        check_positive("max_tasks_per_worker", max_tasks_per_worker)
         self.start_method = method
         self._ctx: Any = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -509,8 +515,8 @@ class WorkerPool:
             for w in self._workers:
                 if not batch.has_queued() or quota.full():
                     break
-                if w.idle and w.run is None:
-                    self._send(w, run, batch.take(min(depth, self._share(batch))))
+                if w.idle and w.run is None and w.room != 0:
+                    self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
             while batch.has_queued() and not quota.full() and self._can_spawn():
                 try:
                     w = self._spawn()
@@ -518,13 +524,13 @@ class WorkerPool:
                     if not any(x.run is run for x in self._workers):
                         batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
                     break
-                self._send(w, run, batch.take(min(depth, self._share(batch))))
+                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
             if depth > 1 and batch.has_queued():
                 for w in self._workers:
                     if w.run is run and w.kill_reason is None and not w.stopping:
                         room = depth - len(w.pipeline)
-                        if room > 0 and w.inflight < AHEAD_BYTES:
-                            self._send(w, run, batch.take(min(room, self._share(batch))))
+                        if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
+                            self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
         if self._elastic:
             self._trim_idle()
 
@@ -533,7 +539,11 @@ class WorkerPool:
         return max(1, math.ceil(batch.queued_count() / workers))
 
     def _can_spawn(self) -> bool:
-        live = sum(1 for w in self._workers if w.kill_reason is None and not w.stopping)
+        # A worker that has been sent its last task (room 0) is on its way out: its
+        # replacement may start while it finishes, as one that is stopping does.
+        live = sum(
+            1 for w in self._workers if w.kill_reason is None and not w.stopping and w.room != 0
+        )
         return self._elastic or live < self._size
 
     def _trim_idle(self) -> None:
@@ -553,6 +563,8 @@ class WorkerPool:
         if batch.blob is not None and w.blob_id != batch.id:
             blob = batch.blob
             w.blob_id = batch.id
+        if w.room is not None:
+            w.room -= len(slots)
         items = []
         for s in slots:
             w.seq += 1
@@ -568,7 +580,14 @@ class WorkerPool:
             self._unwatch_conn(w)
 
     def _spawn(self) -> WorkerHandle:
-        w = WorkerHandle.start(self._ctx, self._lifeline_r, self._lifeline_w, self._init_payload)
+        w = WorkerHandle.start(
+            self._ctx,
+            self._lifeline_r,
+            self._lifeline_w,
+            self._init_payload,
+            _threads.worker_env(self._threads),
+        )
+        w.room = self._max_tasks
         self._workers.append(w)
         self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
@@ -616,6 +635,8 @@ class WorkerPool:
             sent, slot = w.pipeline.popleft()
             assert sent == seq, "worker answered out of order"
             if code == _worker.SKIPPED:
+                if w.room is not None:
+                    w.room += 1  # it did not run there
                 if not batch.task_unstarted(slot):
                     batch.task_killed(slot)
                 continue
@@ -626,8 +647,8 @@ class WorkerPool:
             report_outcome(batch, slot, code == _task.OK, body)
         if not w.pipeline:
             self._release_worker(w)
-            if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
-                self._stop(w)
+            if w.room == 0:
+                self._stop(w)  # it ran its max_tasks_per_worker: a fresh one replaces it
 
     def _release_worker(self, w: WorkerHandle) -> None:
         if w.run is not None:
@@ -780,8 +801,7 @@ _preloaded: set[int] = set()
 
 def _preload_worker_in_forkserver(ctx: Any) -> None:
     # Have the fork server import the worker module once, so each new worker starts
-    # with it loaded. Only possible before the server starts; the modules it already
-    # preloads (by default __main__) are kept.
+    # with it loaded. Only possible before the server starts.
     from multiprocessing import forkserver
 
     server = getattr(forkserver, "_forkserver", None)
@@ -790,6 +810,10 @@ def _preload_worker_in_forkserver(ctx: Any) -> None:
     _preloaded.add(id(server))
     if getattr(server, "_forkserver_pid", None) is not None:
         return
-    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if "alloter_mp._worker" not in current:
-        ctx.set_forkserver_preload([*current, "alloter_mp._worker"])
+    # Not __main__: a script's top-level ``import numpy`` would load BLAS in the
+    # server, before a worker can cap its threads (see _threads); each worker imports
+    # __main__ itself, after its thread variables are set. (Python 3.10-3.13 never
+    # preload __main__ anyway: the server looks for a key the parent does not send.)
+    ours = ("__main__", "alloter_mp._worker")
+    current = [m for m in getattr(server, "_preload_modules", None) or [] if m not in ours]
+    ctx.set_forkserver_preload([*current, "alloter_mp._worker"])

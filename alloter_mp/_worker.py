@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Any
 
-from . import _task, _transport, _words
+from . import _task, _threads, _transport, _words
 from ._measure import PeakMeter
 
 __all__ = ["INIT_FAILED", "ITEM", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
@@ -90,9 +90,15 @@ def _become_group_leader() -> None:
 
 
 def worker_main(
-    conn: Any, words: Any, lifeline: Any, lifeline_w: Any, init_payload: bytes | None
+    conn: Any,
+    words: Any,
+    lifeline: Any,
+    lifeline_w: Any,
+    init_payload: bytes | None,
+    thread_env: dict[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    _threads.apply_env(thread_env)  # before the initializer or a task loads a BLAS
     _become_group_leader()
     # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

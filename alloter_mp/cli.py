@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from alloter_mp import _cli_run
+    from alloter_mp._cpus import available_cpus
 
     run_parser: argparse.ArgumentParser = args.subparser
     command: list[str] = list(args.command)
@@ -258,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         opts = _cli_run.RunOptions(
             command=command,
             inputs=inputs,
-            limit=args.jobs or os.cpu_count() or 1,
+            limit=args.jobs or available_cpus(),
             timeout=args.timeout,
             keep_going=args.keep_going,
             progress=args.progress,
