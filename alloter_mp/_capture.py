@@ -4,7 +4,9 @@ The parent makes two anonymous files per worker (:class:`CaptureFiles`, passed t
 the worker at its start). Around a captured task the worker points its descriptors 1
 and 2 at them with ``dup2``, so everything the task writes lands there: ``print``,
 ``os.write``, C code, and the processes the task starts (they inherit 1 and 2).
-Python's own buffers are flushed before and after, and C's stdio buffers after.
+Python's own buffers are flushed before and after, and C's stdio buffers after;
+a ``sys.stdout`` or ``sys.stderr`` that does not write to 1 or 2 (inherited under
+``fork`` from a parent that replaced it) is swapped for one that does meanwhile.
 Then the worker puts its descriptors back and reads the last :data:`TAIL_BYTES` of
 each file (:class:`Capture`). The files are emptied, not reopened, for the next
 task, and they are opened in append mode, so that a straggling child of an earlier
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import mmap
 import os
 import sys
@@ -99,6 +102,18 @@ def _flush_python() -> None:
                 stream.flush()
 
 
+def _writes_to(stream: Any, fd: int) -> bool:
+    try:
+        return bool(stream.fileno() == fd)
+    except Exception:  # None, or a stream with no descriptor (io.StringIO, ...)
+        return False
+
+
+def _fd_stream(fd: int) -> io.TextIOWrapper:
+    raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115 - kept for the worker's life
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", write_through=True)
+
+
 class _Libc:
     """The two C functions capture needs, when there is a C library to ask."""
 
@@ -134,6 +149,10 @@ class Capture:
         self._lock = threading.Lock()
         self._running = threading.Event()
         self._trimmer: threading.Thread | None = None
+        # Python streams on 1 and 2, for a worker whose sys.stdout or sys.stderr is
+        # elsewhere (inherited under fork from a parent that replaced them).
+        self._streams = (_fd_stream(1), _fd_stream(2))
+        self._replaced: list[tuple[str, Any]] = []
         self.active = False
 
     def begin(self) -> None:
@@ -145,6 +164,11 @@ class Capture:
                 os.ftruncate(file.fd, 0)
         os.dup2(self.files.out.fd, 1)
         os.dup2(self.files.err.fd, 2)
+        for name, fd, stream in (("stdout", 1, self._streams[0]), ("stderr", 2, self._streams[1])):
+            current = getattr(sys, name)
+            if not _writes_to(current, fd):
+                self._replaced.append((name, current))
+                setattr(sys, name, stream)
         self.active = True
         if self._libc.fallocate is not None:
             if self._trimmer is None:
@@ -160,6 +184,9 @@ class Capture:
         self._running.clear()
         _flush_python()
         self._fflush()
+        for name, stream in self._replaced:
+            setattr(sys, name, stream)
+        self._replaced.clear()
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         self.active = False

@@ -178,6 +178,10 @@ class _RelayHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.relay.put_record(record)
 
+    def flush(self) -> None:
+        # logging.shutdown() at the worker's exit flushes every handler.
+        self.relay.flush_quietly()
+
 
 class _Saved:
     """The worker's own logging and warnings setup, put back when relaying stops."""

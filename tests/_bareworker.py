@@ -31,7 +31,9 @@ NOW = object()  # run(): take the parent's snapshot at the call
 
 
 def _child(conn: Any, journal: Any, files: CaptureFiles, words: Any) -> None:
-    faulthandler.enable()  # as a pool worker does: a segfault leaves its stack on fd 2
+    # As a pool worker does: a segfault leaves its stack on descriptor 2, whatever
+    # sys.stderr is (under fork, pytest's capture stream).
+    faulthandler.enable(file=2)
     relay = WorkerRelay(conn.send_bytes, journal, words)
     capture: Capture | None = None
     while True:

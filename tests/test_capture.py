@@ -8,12 +8,14 @@ own descriptors of the capture files.
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 
 import pytest
 from _bareworker import BareWorker, Died
@@ -85,7 +87,8 @@ def test_undecodable_bytes_are_replaced(worker):
 
 def test_the_workers_own_descriptors_are_back_after_a_captured_task():
     # spawn: the child's descriptors 1 and 2 are this process's, which capfd would
-    # replace; here a pipe stands in for them, read after the child stops.
+    # replace; here a pipe stands in for its 1, read after the child stopped.
+    resource_tracker.ensure_running()  # a helper started now would hold the pipe too
     read_end, write_end = os.pipe()
     saved = os.dup(1)
     os.dup2(write_end, 1)
@@ -100,9 +103,22 @@ def test_the_workers_own_descriptors_are_back_after_a_captured_task():
         w.run(lambda: os.write(1, b"not captured\n"))
     finally:
         w.close()
+    os.set_blocking(read_end, False)
     with os.fdopen(read_end, "rb") as pipe:
         assert pipe.read() == b"not captured\n"
     assert out == "captured\n"
+
+
+def replace_stdout() -> None:
+    sys.stdout = io.StringIO()  # as a parent's replaced stream, inherited under fork
+
+
+def test_print_is_caught_when_sys_stdout_is_not_on_descriptor_1(worker):
+    worker.run(replace_stdout)
+    _, (out, _) = worker.run(lambda: print("caught anyway"), capture=True)
+    (_, kind), _ = worker.run(lambda: type(sys.stdout).__name__)
+    assert out == "caught anyway\n"
+    assert kind == "StringIO"  # put back after the task
 
 
 @pytest.mark.parametrize("how", ["exit", "kill", "segfault"])
