@@ -46,7 +46,7 @@ __all__ = ["LOGS", "Snapshot", "WorkerRelay"]
 
 # Message kind, worker -> parent: (LOGS, generation, frames). It sits beside the
 # kinds of alloter_mp._worker and must not clash with them.
-LOGS = 5
+LOGS = 6
 
 # Frame kinds.
 RECORD = 0  # (RECORD, index, offset, fields, message, exc_text, stack_info, extras)
