@@ -178,7 +178,10 @@ class Report:
             task = self.tasks[failed]
             if task.start_s is not None and task.status is not TaskStatus.CANCELLED:
                 marks.append(
-                    (task.start_s + task.wall_s, f"task {failed} {task.status}: the rest is ended")
+                    (
+                        task.start_s + task.wall_s,
+                        f"task {failed} failed here: running tasks cancelled, queued ones skipped",
+                    )
                 )
         skipped = [str(t.index) for t in self.tasks if t.start_s is None]
         note = ""
@@ -212,7 +215,7 @@ def _spans(report: Report) -> list[Span]:
                 track,
                 t.start_s,
                 t.wall_s,
-                label=str(t.index),
+                label=f"task {t.index}",
                 args=args,
             )
         )

@@ -164,10 +164,8 @@ def plot(
             "pip install 'alloter-mp[plot]'"
         ) from exc
 
-    tracks: list[str] = []
-    for span in sorted(spans, key=lambda s: s.start_s):
-        if span.track not in tracks:
-            tracks.append(span.track)
+    # Tracks from the top in the order the spans name them (a report: by task index).
+    tracks = list(dict.fromkeys(span.track for span in spans))
     rows = {track: n for n, track in enumerate(tracks)}
     end = max((s.start_s + s.wall_s for s in spans), default=1.0)
     end = max([end, *(at for at, _ in marks)]) or 1.0
@@ -182,11 +180,13 @@ def plot(
         width = max(span.wall_s, end * 0.004)
         y = rows[span.track]
         ax.barh(y, width, left=span.start_s, height=0.62, color=colour, edgecolor="white")
+        # The long label where it fits, the short one where only that fits.
+        label = span.label if width >= end * 0.08 else span.label.split()[-1]
         if span.label and width >= end * 0.035:
             ax.text(
                 span.start_s + width / 2,
                 y,
-                span.label,
+                label,
                 ha="center",
                 va="center",
                 fontsize=8.5,
