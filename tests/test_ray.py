@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _env import REPO, needs_ray, without_ray_settings
 from _procs import pid_gone
 
 import alloter_mp
@@ -541,13 +542,12 @@ def test_progress_bar(ray_session: Any, capfd: pytest.CaptureFixture[str]) -> No
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     # The session fixture's Ray settings are left out: the child decides for itself.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**base, **env},
+        env=without_ray_settings(**env),
     )
 
 
@@ -696,6 +696,7 @@ def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path
             assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
 
 
+@needs_ray
 def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
     # The program's own local Ray (not the session's): its tasks and its core
     # processes go when the program dies without a chance to shut Ray down.
@@ -719,8 +720,8 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    job = subprocess.Popen([sys.executable, str(script)], env={**env, "RAY_AUTH_MODE": "disabled"})
+    env = without_ray_settings(RAY_AUTH_MODE="disabled")
+    job = subprocess.Popen([sys.executable, str(script)], env=env)
     try:
         (task_pid,) = _read_pid(pidfile, timeout=60)
         ray_core = [
@@ -739,15 +740,15 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
         job.wait(10)
 
 
+@needs_ray
 def test_the_ray_example_runs() -> None:
-    example = Path(__file__).parent.parent / "examples" / "ray_fanout.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    example = REPO / "examples" / "ray_fanout.py"
     out = subprocess.run(
         [sys.executable, str(example)],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**env, "RAY_AUTH_MODE": "disabled"},
+        env=without_ray_settings(RAY_AUTH_MODE="disabled"),
     )
     assert out.returncode == 0, out.stderr
     assert "primes below 1,200,000: 92,938" in out.stdout
