@@ -17,8 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from _env import with_repo
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -82,11 +81,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path)
-
-
 def call(
     *args: str, lines: list[str], cwd: Path, timeout: float = 45
 ) -> subprocess.CompletedProcess[str]:
@@ -97,7 +91,7 @@ def call(
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
         timeout=timeout,
     )
 
@@ -204,7 +198,7 @@ def test_the_current_directory_is_importable_from_an_entry_script(
         capture_output=True,
         text=True,
         cwd=workdir,
-        env=_env(),
+        env=with_repo(),
         timeout=45,
     )
     assert res.returncode == 0, res.stderr
@@ -324,7 +318,7 @@ def test_interrupt_ends_the_calls(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=workdir,
-            env=_env(),
+            env=with_repo(),
         )
     try:
         end = time.monotonic() + 20
@@ -398,7 +392,7 @@ def test_help_has_examples(workdir: Path) -> None:
         [sys.executable, "-m", "alloter_mp", "call", "--help"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=with_repo(),
         timeout=45,
     )
     assert res.returncode == 0

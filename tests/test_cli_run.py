@@ -18,16 +18,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _env import with_repo
 
-REPO = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path)
 
 
 def tool(
@@ -39,7 +34,7 @@ def tool(
         input=stdin,
         capture_output=True,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
         timeout=timeout,
     )
     return subprocess.CompletedProcess(
@@ -55,7 +50,7 @@ def start_tool(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
     )
 
 
