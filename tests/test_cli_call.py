@@ -7,7 +7,6 @@ check afterwards that no worker is left running them.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,9 +14,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from _env import with_repo
+from _procs import kill_all, wait_dead
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -102,20 +101,9 @@ def out_values(res: subprocess.CompletedProcess[str]) -> list[object]:
 
 def pids_dead(pids: list[int]) -> bool:
     """True once every pid is gone or a zombie (allowing 5 s for the kill to land)."""
-    end = time.monotonic() + 5.0
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > end:
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
-            return not alive
-        time.sleep(0.05)
+    alive = wait_dead([(pid, None) for pid in pids], 5.0)
+    kill_all([(pid, None) for pid in alive])  # do not leak them into the other tests
+    return not alive
 
 
 def read_pids(folder: Path) -> list[int]:
