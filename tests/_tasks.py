@@ -34,15 +34,18 @@ def raise_value_error(message="boom"):
     raise ValueError(message)
 
 
-def segfault():
+def segfault(delay=0.0):
+    time.sleep(delay)
     ctypes.string_at(0)
 
 
-def exit_now(code=3):
+def exit_now(code=3, delay=0.0):
+    time.sleep(delay)
     os._exit(code)
 
 
-def kill_self(sig=signal.SIGKILL):
+def kill_self(sig=signal.SIGKILL, delay=0.0):
+    time.sleep(delay)
     os.kill(os.getpid(), sig)
     time.sleep(10)
 

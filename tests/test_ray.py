@@ -1,8 +1,9 @@
 """RayAlloter on a real local Ray: the outcomes of the process alloter, on Ray.
 
 The session's Ray (``ray_session`` in conftest) has 2 CPUs and listens on the
-loopback address only. The task functions below are module-level on purpose: they
-travel by reference, so the Ray workers import this module, as they would a user's.
+loopback address only. The task functions (below, and those shared with the other
+tests in ``_tasks``) are module-level on purpose: they travel by reference, so the
+Ray workers import their modules, as they would a user's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ import psutil
 import pytest
 from _env import REPO, needs_ray, without_ray_settings
 from _procs import pid_gone
+from _tasks import (
+    exit_now,
+    ignore_sigterm_and_spin,
+    kill_self,
+    raise_two_arg,
+    return_lock,
+    segfault,
+    value,
+)
 
 import alloter_mp
 from alloter_mp import (
@@ -80,10 +90,6 @@ def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
 # -- tasks (run in Ray workers) --------------------------------------------------
 
 
-def value(x: Any) -> Any:
-    return x
-
-
 def square(x: int) -> int:
     return x * x
 
@@ -92,11 +98,6 @@ def fail_on(bad: int, x: int) -> int:
     if x == bad:
         raise ValueError(f"bad item {x}")
     return x
-
-
-def sleep_then_raise(seconds: float) -> None:
-    time.sleep(seconds)
-    raise ValueError("late boom")
 
 
 def raise_at(path: str, seconds: float, after: str | None = None) -> None:
@@ -127,11 +128,6 @@ def spin(pidfile: str) -> None:
     Path(pidfile).write_text(str(os.getpid()))
     while True:
         pass
-
-
-def spin_ignoring_sigterm(pidfile: str) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spin(pidfile)
 
 
 def spin_holding_the_gil(pidfile: str) -> int:
@@ -196,34 +192,6 @@ def burn(seconds: float) -> float:
 
 def in_task_view() -> tuple[bool, float | None, int]:
     return alloter_mp.cancelled(), alloter_mp.time_left(), os.getpid()
-
-
-def exit_now(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os._exit(3)
-
-
-def segfault(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def kill_self(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TwoArgError(Exception):
-    def __init__(self, a: Any, b: Any) -> None:
-        super().__init__(f"{a}/{b}")
-
-
-def raise_two_arg() -> None:
-    raise TwoArgError(1, 2)
-
-
-def return_lock() -> Any:
-    return threading.Lock()
 
 
 def big_result(size: int) -> bytes:
@@ -334,7 +302,7 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
 def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     report = ralloter.exec_report(
-        partial(raise_after, str(pidfile)), partial(spin_ignoring_sigterm, str(pidfile))
+        partial(raise_after, str(pidfile)), partial(ignore_sigterm_and_spin, str(pidfile))
     )
     (pid,) = _read_pid(pidfile)
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
@@ -383,7 +351,7 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
 def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay))
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
