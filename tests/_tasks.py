@@ -30,6 +30,16 @@ def record(path, seconds, tag):
     return tag
 
 
+def most_at_once(spans):
+    """The most of the ``(start, end)`` spans that overlap at one moment."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
 def raise_value_error(message="boom"):
     raise ValueError(message)
 

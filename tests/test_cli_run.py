@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from _env import with_repo
+from _tasks import most_at_once
 
 _counter = itertools.count()
 
@@ -220,12 +221,7 @@ def test_at_most_n_jobs_run_at_once(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     spans = [tuple(map(float, (tmp_path / f"{i}.span").read_text().split())) for i in inputs]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak == 2
+    assert most_at_once(spans) == 2
 
 
 def test_one_job_at_a_time_runs_in_input_order(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from _tasks import (
     exit_now,
     ignore_sigterm_and_spin,
     kill_self,
+    most_at_once,
     raise_two_arg,
     return_lock,
     segfault,
@@ -226,15 +227,6 @@ def _spans(path: Path) -> list[tuple[float, float]]:
     ]
 
 
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
-
-
 # -- results ------------------------------------------------------------------------
 
 
@@ -253,7 +245,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
     with RayAlloter(1) as a:
         assert a.limit == 1
         a.exec(*[partial(record, str(spans), 0.1) for _ in range(4)])
-        assert _most_at_once(_spans(spans)) == 1
+        assert most_at_once(_spans(spans)) == 1
     spans.unlink()
     with RayAlloter(2) as a:
         threads = [
@@ -265,7 +257,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
         for t in threads:
             t.join(60)
         assert len(_spans(spans)) == 6
-        assert _most_at_once(_spans(spans)) <= 2
+        assert most_at_once(_spans(spans)) <= 2
 
 
 def test_limit_none_is_the_clusters_cpus(ray_session: Any) -> None:
