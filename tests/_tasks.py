@@ -40,6 +40,13 @@ def most_at_once(spans):
     return most
 
 
+def fail_on(bad, x):
+    """``2 * x``, or ValueError for the item ``bad`` (for map)."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * 2
+
+
 def raise_value_error(message="boom"):
     raise ValueError(message)
 

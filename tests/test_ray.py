@@ -27,6 +27,7 @@ from _env import REPO, needs_ray, without_ray_settings
 from _procs import pid_gone
 from _tasks import (
     exit_now,
+    fail_on,
     ignore_sigterm_and_spin,
     kill_self,
     most_at_once,
@@ -93,12 +94,6 @@ def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
 
 def square(x: int) -> int:
     return x * x
-
-
-def fail_on(bad: int, x: int) -> int:
-    if x == bad:
-        raise ValueError(f"bad item {x}")
-    return x
 
 
 def raise_at(path: str, seconds: float, after: str | None = None) -> None:
