@@ -6,13 +6,14 @@ so that a job left behind is found by scanning the process table afterwards.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -479,10 +480,22 @@ def test_bad_arguments_exit_2_with_an_error_line(args: list[str]) -> None:
 
 
 def test_console_script_is_the_same_command() -> None:
-    exe = shutil.which("alloter-mp")
-    if exe is None:
-        pytest.skip("the package is not installed with its console script")
-    res = subprocess.run(
-        [exe, "run", "--", "echo", ":::", "same"], capture_output=True, text=True, timeout=45
+    # The script pip installed for this interpreter, not the first alloter-mp on PATH
+    # (an older install there would be tested instead).
+    try:
+        dist = importlib.metadata.distribution("alloter-mp")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("alloter-mp is not installed (pip install -e .): no console script")
+    exe = Path(sysconfig.get_path("scripts")) / "alloter-mp"
+    assert exe.is_file(), (
+        f"alloter-mp {dist.version} is installed for {sys.executable}, "
+        f"but its console script is not at {exe}"
     )
-    assert (res.returncode, res.stdout) == (0, "same\n")
+    res = subprocess.run(
+        [str(exe), "run", "--", "echo", ":::", "same"],
+        capture_output=True,
+        text=True,
+        env=with_repo(),
+        timeout=45,
+    )
+    assert (res.returncode, res.stdout) == (0, "same\n"), res.stderr
