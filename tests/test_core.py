@@ -440,6 +440,7 @@ def test_worker_pool_shared_by_alloters_and_closed_only_by_itself():
 # -- leaks and lifetime ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_no_process_or_fd_leak_after_300_mixed_calls(tmp_path):
     mixed = [
