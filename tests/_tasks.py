@@ -151,6 +151,12 @@ def pid():
     return os.getpid()
 
 
+def stubborn_sleep(seconds):
+    """An impolite sibling: ignores cancellation, so it has to be killed."""
+    time.sleep(seconds)
+    return "should have been killed"
+
+
 def sleep_then_raise(seconds, message="late boom"):
     time.sleep(seconds)
     raise ValueError(message)
