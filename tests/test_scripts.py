@@ -182,7 +182,7 @@ def test_bench_quick_smoke() -> None:
         [sys.executable, str(BENCH), "--quick", "--libs", "ours,ppe", "--workloads", "rt,cold"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=with_repo(),
         timeout=50,
     )
     assert res.returncode == 0, res.stderr
