@@ -18,16 +18,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _env import with_repo
 from test_cli_call import call, out_values
 from test_cli_call import workdir as workdir  # the fixture: a folder with calltasks.py
-from test_cli_run import (
-    _env,
-    assert_none_left,
-    finish,
-    marker,
-    read_report,
-    tool,
-)
+from test_cli_run import assert_none_left, finish, marker, read_report, tool
 
 from alloter_mp._batch import Batch
 from alloter_mp._states import TaskStatus
@@ -221,7 +215,7 @@ def test_run_starts_jobs_before_the_input_ends(tmp_path: Path) -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(),
+        env=with_repo(),
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -248,7 +242,7 @@ def test_run_on_an_endless_input_keeps_flat_memory() -> None:
             stdin=yes.stdout,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(),
+            env=with_repo(),
         )
         assert yes.stdout is not None
         yes.stdout.close()
