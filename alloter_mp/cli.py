@@ -84,6 +84,15 @@ report lines look like:
   skipped (never started: exit_code null). With --resume, an input whose last
   line in FILE says "ok" for the same command is not run again, and new lines
   are appended to FILE.
+
+for GNU parallel users (more in docs/cli.md):
+  parallel -j N                     alloter-mp run -j N
+  parallel --keep-order (-k)        the default here (--unordered: without -k)
+  parallel --timeout S              --job-timeout S (--timeout is the whole run)
+  parallel --retries N              --retries N-1 (N more runs here, N in all there)
+  parallel --joblog F --resume-failed   --report F --resume
+  parallel --halt now,fail=1        the default here
+  parallel --halt never             --keep-going
 """
 
 _CALL_DESCRIPTION = """\
@@ -202,13 +211,15 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
     outcome = (
         "the status is then the first failure's in input order"
         if what == "jobs"
-        else "failed inputs get an error line, and the status is 1 at the end"
+        else "failed inputs get an error line, and the status is 1 at the end (124 if the "
+        "first failed input ran past --job-timeout)"
     )
     parser.add_argument(
         "--keep-going",
         action="store_true",
         help=f"run every {what[:-1]} even when some fail; {outcome}",
     )
+    how = "failed or timed out" if what == "jobs" else "raised, its worker died, or timed out"
     parser.add_argument(
         "--job-timeout",
         metavar="S",
@@ -221,8 +232,8 @@ def _add_common(parser: argparse.ArgumentParser, what: str) -> None:
         metavar="N",
         type=_count,
         default=0,
-        help=f"run a failed {what[:-1]} (failed or timed out) up to N more times; only its "
-        "last attempt counts (e.g. --retries 3)",
+        help=f"run a failed {what[:-1]} ({how}) up to N more times; only its last attempt "
+        "counts (e.g. --retries 3)",
     )
     skipped = "skipped and killed jobs included" if what == "jobs" else "with its result"
     parser.add_argument(
