@@ -814,6 +814,8 @@ class _Engine:
     def _note(self, key: int, message: str) -> None:
         """A message of ours about a job, written with the job's stderr (once)."""
         if message not in self.messages:
+            if len(self.messages) >= 1000:  # an endless run: keep the set small
+                self.messages.clear()
             self.messages.add(message)
             self.writer.write(key, STDERR, message.encode())
 
