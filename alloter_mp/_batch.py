@@ -315,7 +315,8 @@ class Batch:
     def _release_delayed_locked(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
             _, index = heapq.heappop(self._delayed)
-            if self._slot(index).status is QUEUED:
+            slot = self._live.get(index) if self._forget else self.slots[index]
+            if slot is not None and slot.status is QUEUED:
                 self._queued.append(index)
 
     # -- deciding (thread-safe; the first decision wins) ------------------------
