@@ -331,7 +331,10 @@ class _Calls:
     def _loop(self) -> int:
         batch = self.batch
         inputs = self.inputs
-        ahead = 2 * self.caller.parallelism + 2
+        # Enough in flight that the workers never wait for the next input (one task
+        # per input makes tiny calls round trips otherwise); bounded: results wait
+        # here for their turn in input order.
+        ahead = max(256, 8 * self.caller.parallelism)
         fed = written = appended = 0
         closed = False
         while True:
