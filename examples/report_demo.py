@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
@@ -100,6 +101,8 @@ def main() -> None:
         report.to_chrome_trace(trace)
         print(f"timeline: {trace} (open it in ui.perfetto.dev or chrome://tracing)")
         image = os.path.join(out, "report_timeline.png")
+        # matplotlib's first use on a machine says it builds a font cache: not news here.
+        logging.getLogger("matplotlib").setLevel(logging.ERROR)
         try:
             report.plot(image)
         except ImportError as exc:
