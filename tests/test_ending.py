@@ -45,8 +45,9 @@ ESCALATION = 0.2
 # 0.3 s leaves twice that and still catches a kill 0.3 s late.
 SLACK = 0.3
 # ExecTimeout and Cancelled: the contract's 50 ms, plus 100 ms for the caller's
-# thread to be scheduled on a loaded 2-core machine (measured worst about 15 ms
-# idle, 60 ms under the same load); a cancel that reaches the call 0.15 s late fails.
+# thread to be woken and scheduled on a loaded 2-core machine (ctx.cancel() to
+# Cancelled, 30 calls: at most 7 ms idle, 50 ms with four CPU-bound processes on
+# the two cores); a cancel that reaches the call 0.15 s late fails.
 LATE = 0.05 + 0.1
 # The clock is shared, but stamps are written a few microseconds around the event.
 EPS = 0.005
