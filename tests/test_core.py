@@ -468,8 +468,15 @@ def test_no_process_or_fd_leak_after_300_mixed_calls(tmp_path):
     # Each call checks its own outcome: a leak test that swallowed them would pass
     # with every call failing (a crash taken for a timeout, say).
     mixed = [_call_returns, _call_raises, _call_crashes, _call_times_out]
-    with ProcessAlloter(2, timeout=0.3, cancel_grace=0.05) as a:
-        a.exec(*[functools.partial(_tasks.sleep_then, 0.1)] * 2)  # both workers up
+    with (
+        WorkerPool(2) as pool,
+        ProcessAlloter(2) as untimed,
+        ProcessAlloter(2, timeout=0.3, cancel_grace=0.05) as timed,
+    ):
+        # Both workers up first, without the 0.3 s timeout: run alone, this test
+        # would otherwise start the fork server within its first call's 0.3 s.
+        untimed.with_pool(pool).exec(*[functools.partial(_tasks.sleep_then, 0.1)] * 2)
+        a = timed.with_pool(pool)
         fds = open_fds()
         for i in range(300):
             mixed[i % len(mixed)](a)
