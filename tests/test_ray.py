@@ -336,18 +336,24 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
-def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
+def test_dead_worker_is_worker_crashed(
+    ralloter: RayAlloter, tmp_path: Path, crash: Any, delay: float
+) -> None:
+    pidfile = tmp_path / "pid"
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay))
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay, pidfile=str(pidfile)))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
     # The worker's pid, as the task told the board when it started: not waited for,
-    # so a task that dies at once may not have told it.
+    # so a task that dies at once may not have told it. When given, it is the
+    # process the task ran in (pid_gone alone would pass for a pid that never was).
     pid = info.value.pid
     if delay:
-        assert pid is not None and pid != os.getpid()
+        assert pid is not None
     if pid is not None:
+        (ran_in,) = _read_pid(pidfile)
+        assert pid == ran_in, f"WorkerCrashed names process {pid}, the task ran in {ran_in}"
         assert pid_gone(pid, timeout=5.0)
     # Nothing is retried, and the alloter goes on.
     assert ralloter.exec(lambda: 5) == [5]
