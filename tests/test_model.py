@@ -141,7 +141,7 @@ _PARAMS: dict[str, st.SearchStrategy[Any]] = {
 # that a deadline or a cancel ends the batch, not a failure), or the weighted mix.
 SHAPES = ("benign", "benign", "one-fault", "one-fault", "hangs", "hangs", "hangs", "mixed", "mixed")
 _CTX_MODES = ("none", "none", "none", "deadline", "deadline")
-_CTX_MODES += ("cancel", "cancel", "child_cancel", "pre_cancelled")
+_CTX_MODES += ("cancel", "cancel", "child_cancel", "pre_cancelled", "pre_cancelled")
 # A batch that cannot end by itself is ended by a cancel (exec or report) as often
 # as by a deadline: both must be seen often enough to count.
 _CTX_MODES_HANGS = ("none", "deadline", "cancel", "cancel", "child_cancel")
@@ -164,8 +164,13 @@ def faults(draw: st.DrawFn, memory: bool) -> Fault:
     return _fault(draw, _WEIGHTED_KINDS, memory)
 
 
-def _size(draw: st.DrawFn, limit: int) -> int:
-    size = draw(st.sampled_from(SIZES))
+# A batch of only benign tasks is the one that succeeds: more of them go past the
+# limit, so that "results in task order" is proven across rounds of workers.
+SIZES_BENIGN = ("empty", "under", "at", "rounds", "rounds", "rounds", "many", "many")
+
+
+def _size(draw: st.DrawFn, limit: int, sizes: tuple[str, ...] = SIZES) -> int:
+    size = draw(st.sampled_from(sizes))
     if size == "empty":
         return 0
     if size == "under":
@@ -215,7 +220,7 @@ def scenarios(draw: st.DrawFn, memory_limit: int = MEMORY_LIMIT) -> Scenario:
     memory = draw(st.sampled_from([True, True, False]))
     limit = draw(st.integers(1, 5))
     shape = draw(st.sampled_from(SHAPES))
-    n = _size(draw, limit)
+    n = _size(draw, limit, SIZES_BENIGN if shape == "benign" else SIZES)
     if shape == "benign":
         tasks = [_fault(draw, [F.VALUE, F.VALUE, F.SLEEP], memory) for _ in range(n)]
     elif shape == "one-fault" and n:
@@ -227,7 +232,14 @@ def scenarios(draw: st.DrawFn, memory_limit: int = MEMORY_LIMIT) -> Scenario:
         tasks = [draw(faults(memory)) for _ in range(n)]
     sc = Scenario(
         limit=limit,
-        timeout=draw(st.sampled_from([None, None, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5])),
+        timeout=draw(
+            st.sampled_from(
+                # Benign batches mostly get time to finish: success is what they prove.
+                [None, None, None, None, 0.6, 1.0, 1.5]
+                if shape == "benign"
+                else [None, None, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5]
+            )
+        ),
         grace=draw(st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.25, 0.3])),
         memory_limit=memory_limit if memory else None,
         ctx_mode=draw(st.sampled_from(_CTX_MODES_HANGS if shape == "hangs" else _CTX_MODES)),
@@ -697,19 +709,23 @@ _settings = settings(
 # (printed by the summary): which outcome a scenario ends with varies with timing,
 # and a new Hypothesis version draws other scenarios.
 MIN_COVERAGE = {
-    "success": 20,
-    "success beyond the limit": 12,
-    "task error": 8,
-    "crash": 8,
+    # About half of what the fixed 200 examples reach (success 30, beyond the limit
+    # 17, task error 23, crash 6, memory 6, timeouts 21/20, cancels 32/15, before
+    # the call 32, cooperative 25, killed 63, skipped 107): outcomes move a little
+    # with the machine's load, the examples themselves do not.
+    "success": 15,
+    "success beyond the limit": 8,
+    "task error": 10,
+    "crash": 3,
     "memory limit": 3,
     "timeout (exec)": 10,
-    "timeout (report)": 6,
-    "context cancel (exec)": 5,
-    "context cancel (report)": 5,
-    "context cancelled before the call": 4,
+    "timeout (report)": 8,
+    "context cancel (exec)": 12,
+    "context cancel (report)": 6,
+    "context cancelled before the call": 12,
     "cooperative task saw cancelled()": 10,
-    "task killed": 20,
-    "queued tasks skipped": 25,
+    "task killed": 25,
+    "queued tasks skipped": 40,
 }
 
 
