@@ -25,7 +25,7 @@ from ._sight import HandleSight
 from ._states import KillReason
 
 if TYPE_CHECKING:
-    from ._pool import PoolRun
+    from ._poolrun import PoolRun
 
 __all__ = ["KILL_ESCALATION", "WorkerHandle", "WorkerStats"]
 
