@@ -156,6 +156,7 @@ class Batch:
         keep_going: bool = False,
         chunked: bool = False,
         items_alone: bool = False,
+        forget_settled: bool = False,
     ) -> None:
         options = options if options is not None else CallOptions()
         self.id = next(_ids)
@@ -192,6 +193,15 @@ class Batch:
         # A worker may skip the rest of the batch at its first failure.
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
+        # An endless open batch (the command line's engine reading ``tail -f``) keeps
+        # only its open slots, in ``_live``: ``slots`` stays empty and ``results()``
+        # is not available; the runner holds what it still needs of a settled slot.
+        self._forget = forget_settled
+        self._live: dict[int, Slot] = {}
+        self._count = len(payloads)
+        if forget_settled:
+            self._live = dict(enumerate(self.slots))
+            self.slots = []
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
         self._queued: deque[int] = deque(range(len(payloads)))
@@ -260,12 +270,16 @@ class Batch:
         with self._lock:
             if self.end_kind is not None or not self._open:
                 return None
-            index = len(self.slots)
+            index = self._count
+            self._count += 1
             slot = Slot(index, payload)
             if base is not None:
                 slot.base = base
             slot.size = size
-            self.slots.append(slot)
+            if self._forget:
+                self._live[index] = slot
+            else:
+                self.slots.append(slot)
             self._queued.append(index)
             self._unsettled += 1
         self.notify()
@@ -288,7 +302,7 @@ class Batch:
             if self._delayed and self._delayed[0][0] <= now:
                 self._release_delayed_locked(now)
             while self._queued and len(taken) < most and self.end_kind is None:
-                slot = self.slots[self._queued.popleft()]
+                slot = self._slot(self._queued.popleft())
                 slot.status = RUNNING
                 slot.started = now
                 slot.output = None
@@ -318,7 +332,8 @@ class Batch:
     def _release_delayed_locked(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
             _, index = heapq.heappop(self._delayed)
-            if self.slots[index].status is QUEUED:
+            slot = self._live.get(index) if self._forget else self.slots[index]
+            if slot is not None and slot.status is QUEUED:
                 self._queued.append(index)
 
     # -- deciding (thread-safe; the first decision wins) ------------------------
@@ -361,10 +376,12 @@ class Batch:
             self.ended_at = time.monotonic()
             skipped = []
             for index in itertools.chain(self._queued, (i for _, i in self._delayed)):
-                slot = self.slots[index]
+                slot = self._slot(index)
                 slot.status = SKIPPED
                 slot.payload = None
                 skipped.append(slot)
+                if self._forget:
+                    del self._live[index]
             self._queued = deque()
             self._delayed = []
             self._unsettled -= len(skipped)
@@ -540,7 +557,8 @@ class Batch:
     def abandon(self) -> None:
         """Settle every task still open: the runner can no longer report on them."""
         with self._lock:
-            open_slots = [s for s in self.slots if s.status not in FINAL]
+            slots = self._live.values() if self._forget else self.slots
+            open_slots = [s for s in slots if s.status not in FINAL]
             for slot in open_slots:
                 if slot.error is None:
                     slot.error = self._ended_error()
@@ -670,6 +688,9 @@ class Batch:
         slot.ended_alone = None
         self.alone.discard(slot.index)
 
+    def _slot(self, index: int) -> Slot:
+        return self._live[index] if self._forget else self.slots[index]
+
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
         error = slot.error
         if slot.output is not None and isinstance(error, TaskError) and error.stdout is None:
@@ -679,6 +700,8 @@ class Batch:
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
         self.alone.discard(slot.index)
+        if self._forget:
+            self._live.pop(slot.index, None)
         self._unsettled -= 1
         self._check_settled()
 
@@ -758,7 +781,10 @@ class Batch:
         """The results in task order, or raise the outcome.
 
         In a keep-going batch a failed task's :class:`TaskError` stands in its place.
+        Not for a batch that forgets its settled slots.
         """
+        if self._forget:
+            raise RuntimeError("a batch that forgets its settled slots has no results")
         self.wait_decided()
         if self.outcome is not None:
             raise self.outcome

@@ -29,7 +29,7 @@ from ._options import CallOptions, check_chunksize
 from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
-__all__ = ["BatchAlloter", "Caller", "Runner"]
+__all__ = ["BatchAlloter", "Caller", "Runner", "caller_of"]
 
 # Tasks pickled together up to this size are sent as one blob per worker.
 BLOB_MOST = 1 << 20
@@ -418,6 +418,12 @@ class BatchAlloter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def caller_of(alloter: BatchAlloter) -> Caller:
+    """The :class:`Caller` behind ``alloter``, for code of this package that runs its
+    own kind of call through the same steps (the command line's ``call``)."""
+    return alloter._caller
 
 
 # Options of a constructor that shape the workers, not a call.
