@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
+from ._logreceive import snapshot
 from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
@@ -60,6 +61,10 @@ CANCELLED = TaskStatus.CANCELLED
 SKIPPED = TaskStatus.SKIPPED
 
 _ids = itertools.count(1)
+
+# How long a caller waits, after its batch ended, for the records of its tasks that
+# were written but not yet sent (a worker sends them within a few tens of ms).
+LOGS_WAIT = 0.25
 
 # A task whose worker died before starting it goes back to the queue at most this
 # many times; after that the death is blamed on it (a worker that cannot start
@@ -86,6 +91,7 @@ class Slot:
         "item_state",
         "items",
         "not_before",
+        "output",
         "payload",
         "peak_rss",
         "pid",
@@ -131,6 +137,8 @@ class Slot:
         self.items: list[Any] | None = None
         self.item_attempts: list[int] | None = None
         self.todo: list[int] | None = None
+        # capture_output: what its last run wrote to stdout and stderr.
+        self.output: tuple[str, str] | None = None
 
 
 class Batch:
@@ -162,6 +170,14 @@ class Batch:
         self.memory_limit = options.memory_limit
         self.timeout_message = timeout_message
         self.measure = measure or options.memory_limit is not None
+        # Seeing inside the tasks: the caller's logging levels and warning filters,
+        # taken now, for the workers to apply (None: records and warnings are not
+        # relayed), and whether each task's stdout and stderr are captured.
+        self.log_snapshot = snapshot() if options.relay_logs else None
+        self.capture_output = options.capture_output
+        # Set by a runner that relays logs once the records that tasks running at the
+        # batch's end had written by then were handed over (see wait_logs).
+        self.logs_drained: threading.Event | None = None
         self.keep_going = keep_going
         # The tasks are chunks of a map's items.
         self.chunked = chunked
@@ -289,6 +305,7 @@ class Batch:
                 slot = self._slot(self._queued.popleft())
                 slot.status = RUNNING
                 slot.started = now
+                slot.output = None
                 taken.append(slot)
         return taken
 
@@ -441,7 +458,10 @@ class Batch:
             if slot.ended_alone is not None:
                 if slot.item_state is not None:
                     offset = slot.ended_item
-                    first = self._item_failed(slot, offset, self._ended_alone_error(slot), False)
+                    error = self._ended_alone_error(slot)
+                    if isinstance(error, TaskError) and slot.output is not None:
+                        error.stdout, error.stderr = slot.output  # what the item wrote
+                    first = self._item_failed(slot, offset, error, False)
                     self._run_over(slot)
                 else:
                     slot.attempts += 1
@@ -672,6 +692,11 @@ class Batch:
         return self._live[index] if self._forget else self.slots[index]
 
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
+        error = slot.error
+        if slot.output is not None and isinstance(error, TaskError) and error.stdout is None:
+            # A task's own error carries what it wrote (errors of the batch's end are
+            # shared by its tasks, and are no TaskError).
+            error.stdout, error.stderr = slot.output
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
         self.alone.discard(slot.index)
@@ -741,6 +766,16 @@ class Batch:
                 time.monotonic() >= self.deadline
             ):
                 self.expire()
+
+    def wait_logs(self, most: float = LOGS_WAIT) -> None:
+        """Once the batch has ended: wait (at most ``most`` seconds) until the records
+        its running tasks had written by then have been handed to the caller's logging.
+
+        Call from the caller's thread, never from the runner's.
+        """
+        event = self.logs_drained
+        if event is not None and self.end_kind is not None:
+            event.wait(most)
 
     def results(self) -> list[Any]:
         """The results in task order, or raise the outcome.

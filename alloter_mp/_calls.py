@@ -270,6 +270,7 @@ class Caller:
         """Wait for the outcome (``settle``: for every task); an escape ends the call."""
         try:
             batch.wait_decided()
+            batch.wait_logs()  # an ended batch: what its tasks logged until then first
             if settle:
                 wait_interruptibly(batch.settled)
         except BaseException:
@@ -393,7 +394,8 @@ class BatchAlloter:
         """A new alloter with some options of a call replaced, on the same workers.
 
         ``timeout``, ``task_timeout``, ``cancel_grace``, ``retries``, ``retry_on``,
-        ``retry_delay``, ``memory_limit`` and ``progress`` may be replaced; the new
+        ``retry_delay``, ``memory_limit``, ``progress``, ``relay_logs`` and
+        ``capture_output`` may be replaced; the new
         alloter shares this one's workers and its ``limit`` (the tasks of both count
         against it together). Options that shape the workers (``limit``,
         ``start_method``, ``initializer``, ...) raise ``TypeError``. Closing the new

@@ -37,7 +37,9 @@ class TaskReport:
     during the task, in bytes; ``pid`` the worker that ran it (``None`` if none did).
     ``attempts`` counts its runs (more than one when it was retried; 0 if it never
     started); ``start_s`` is when it first started, in seconds from the call's start
-    (``None`` if it never started).
+    (``None`` if it never started). With ``capture_output=True``, ``stdout`` and
+    ``stderr`` are what its last run wrote to descriptors 1 and 2 (the last 1 MiB of
+    each, as text); otherwise, or if it never ran, ``None``.
     """
 
     index: int
@@ -50,9 +52,11 @@ class TaskReport:
     pid: int | None = None
     attempts: int = 0
     start_s: float | None = None
+    stdout: str | None = None
+    stderr: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (without the result)."""
+        """A JSON-serialisable dict (without the result; with the captured output)."""
         error = None
         if self.error is not None:
             error = {"type": _error_type(self.error), "message": str(self.error)}
@@ -66,6 +70,8 @@ class TaskReport:
             "pid": self.pid,
             "attempts": self.attempts,
             "start_s": None if self.start_s is None else round(self.start_s, 6),
+            "stdout": self.stdout,
+            "stderr": self.stderr,
         }
 
 
@@ -236,6 +242,8 @@ def build_report(batch: Batch, wall_s: float) -> Report:
             pid=s.pid if s.status is not TaskStatus.SKIPPED else None,
             attempts=s.attempts,
             start_s=None if s.start_at is None else max(0.0, s.start_at - batch.started_at),
+            stdout=None if s.output is None else s.output[0],
+            stderr=None if s.output is None else s.output[1],
         )
         for s in batch.slots
     ]

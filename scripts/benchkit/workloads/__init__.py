@@ -3,7 +3,21 @@
 
 from __future__ import annotations
 
-from . import blas, cold, cpu, failfast, map, mem, mem8, np_in, np_out, rt, submit, timeout
+from . import (
+    blas,
+    cold,
+    cpu,
+    failfast,
+    logs,
+    map,
+    mem,
+    mem8,
+    np_in,
+    np_out,
+    rt,
+    submit,
+    timeout,
+)
 from .base import Workload
 
 WORKLOADS: list[Workload] = [
@@ -19,6 +33,8 @@ WORKLOADS: list[Workload] = [
     np_in.WORKLOAD,
     np_out.WORKLOAD,
     blas.WORKLOAD,
+    logs.WORKLOAD,
+    logs.RELAY,
 ]
 BY_KEY = {w.key: w for w in WORKLOADS}
 
