@@ -94,6 +94,7 @@ class Slot:
         "output",
         "payload",
         "peak_rss",
+        "pending_failure",
         "pid",
         "requeued",
         "result",
@@ -126,6 +127,9 @@ class Slot:
         self.attempts = 0  # how many times it ran
         self.requeued = 0  # times it went back to the queue unstarted
         self.not_before = 0.0  # a retry waits until then
+        # The failure a retry waiting in the queue would replace: what the task's last
+        # attempt gave, and what counts if the batch ends before the retry runs.
+        self.pending_failure: tuple[BaseException, TaskStatus] | None = None
         # Ended on its own (a task timeout: TIMEOUT; a killed future: CANCELLED): the
         # runner tells it and kills it at ended_at + the grace.
         self.ended_alone: TaskStatus | None = None
@@ -306,6 +310,7 @@ class Batch:
                 slot.status = RUNNING
                 slot.started = now
                 slot.output = None
+                slot.pending_failure = None
                 taken.append(slot)
         return taken
 
@@ -378,6 +383,10 @@ class Batch:
             for index in itertools.chain(self._queued, (i for _, i in self._delayed)):
                 slot = self._slot(index)
                 slot.status = SKIPPED
+                if slot.pending_failure is not None:
+                    # It ran and its retry never will: its last attempt's failure
+                    # counts ("skipped" is a task that never started).
+                    slot.error, slot.status = slot.pending_failure
                 slot.payload = None
                 skipped.append(slot)
                 if self._forget:
@@ -580,6 +589,7 @@ class Batch:
             self._finish(slot, self._end_status())
             return None
         if self._retry(slot, error, slot.attempts):
+            slot.pending_failure = (error, status)
             return None
         slot.error = error
         self._finish(slot, status)

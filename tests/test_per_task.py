@@ -92,6 +92,12 @@ def raise_first_times(d: str, name: str, failures: int, exc: type[BaseException]
     return name
 
 
+def raise_after(d: str, name: str, seconds: float) -> None:
+    note_run(d, name)
+    time.sleep(seconds)
+    raise ValueError(name)
+
+
 def item_task(d: str, x: int) -> int:
     note_run(d, f"item{x}")
     if x == 5:
@@ -276,6 +282,26 @@ def test_a_failure_that_will_be_retried_does_not_end_the_siblings(tmp_path: Path
         )
     assert got == ["flaky", True]  # the sibling was never told to stop
     assert len(runs(tmp_path, "sib")) == 1
+
+
+def test_a_retry_still_waiting_when_the_call_ends_reports_its_failure(tmp_path: Path) -> None:
+    # "skipped" is a task that never started (0 attempts). One that ran, crashed and
+    # was waiting for its retry when a sibling's failure ended the call keeps what
+    # its run gave: its crash, with its one attempt.
+    d = str(tmp_path)
+    with ProcessAlloter(2, retries=2, retry_delay=5.0) as a:
+        t0 = time.monotonic()
+        report = a.exec_report(
+            _task(crash_first_times, d, "flaky", 5), _task(raise_after, d, "sib", 0.3)
+        )
+        took = time.monotonic() - t0
+    assert took < 3.0  # the retry's delay is not awaited
+    assert len(runs(tmp_path, "flaky")) == 1
+    flaky, sib = report.tasks
+    assert (sib.status, sib.attempts) == ("error", 1)
+    assert isinstance(report.outcome, TaskError) and report.outcome.index == 1
+    assert (flaky.status, flaky.attempts) == ("crashed", 1), (flaky.status, flaky.attempts)
+    assert isinstance(flaky.error, WorkerCrashed) and flaky.error.exitcode == 7
 
 
 def test_an_idle_kill_is_not_a_retry_and_attempts_count_runs(tmp_path: Path) -> None:
