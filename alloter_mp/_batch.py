@@ -658,9 +658,12 @@ class Batch:
             slot.attempts = max(slot.item_attempts or [1])
             if self.end_kind is None:
                 self._ok += 1
-                failed = _FAILED in slot.item_state
-                self._finish(slot, ERROR if failed and not self.keep_going else OK)
-                self._check_success()
+                ends = _FAILED in slot.item_state and not self.keep_going
+                self._finish(slot, ERROR if ends else OK)
+                if not ends:
+                    # A failed item ends the batch: the caller reports it (fail(),
+                    # outside the lock), even when this was the last slot to settle.
+                    self._check_success()
             else:
                 self._finish(slot, self._end_status())
             return

@@ -98,6 +98,12 @@ def raise_after(d: str, name: str, seconds: float) -> None:
     raise ValueError(name)
 
 
+def hang_item(x: int) -> int:
+    if x == 1:
+        time.sleep(30)
+    return x
+
+
 def item_task(d: str, x: int) -> int:
     note_run(d, f"item{x}")
     if x == 5:
@@ -375,6 +381,19 @@ def test_a_failed_item_is_retried_within_its_chunk(tmp_path: Path) -> None:
         assert a.map(functools.partial(crash_item_once, d), range(8), chunksize=4) == list(range(8))
     assert len(runs(tmp_path, "item3")) == 2
     assert all(len(runs(tmp_path, f"item{x}")) == 1 for x in range(8) if x != 3)
+
+
+def test_without_errors_return_the_item_that_fails_last_is_still_raised() -> None:
+    # Items judged one by one (here for retries): when the failing item is the last
+    # to settle, its failure is still the call's outcome, not a value in its place.
+    with (
+        ProcessAlloter(
+            2, task_timeout=0.3, cancel_grace=0.05, retries=1, retry_on=(KeyError,)
+        ) as a,
+        pytest.raises(TaskTimeout) as info,
+    ):
+        a.map(hang_item, [0, 1], chunksize=1)
+    assert info.value.index == 1
 
 
 def test_errors_return_still_ends_everything_at_the_call_timeout(tmp_path: Path) -> None:
