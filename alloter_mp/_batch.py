@@ -48,7 +48,7 @@ from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
 from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
-__all__ = ["MAIN_THREAD_SLICE", "REQUEUE_MOST", "Batch", "Slot", "wait_interruptibly"]
+__all__ = ["MAIN_THREAD_SLICE", "REQUEUE_MOST", "Batch", "Latch", "Slot", "wait_interruptibly"]
 
 QUEUED = TaskStatus.QUEUED
 RUNNING = TaskStatus.RUNNING
@@ -86,6 +86,7 @@ class Slot:
         "item_state",
         "items",
         "not_before",
+        "owner",
         "payload",
         "peak_rss",
         "pid",
@@ -96,6 +97,7 @@ class Slot:
         "started",
         "status",
         "todo",
+        "unstarted_only",
         "wall_s",
     )
 
@@ -125,6 +127,12 @@ class Slot:
         self.ended_alone: TaskStatus | None = None
         self.ended_at = 0.0
         self.ended_item = 0  # which item of a chunk was ended
+        # Ended alone only if it has not started yet (shutdown(cancel_futures=True)):
+        # the runner skips it if it can, and spares it (see spare()) if it started.
+        self.unstarted_only = False
+        # Whatever the caller attached to the task (an executor's future); the batch
+        # only carries it.
+        self.owner: Any = None
         # A chunk judged item by item: each item's state, result or error, attempts,
         # and the offsets to run when it is next handed over (None: all).
         self.item_state: bytearray | None = None
@@ -148,6 +156,7 @@ class Batch:
         keep_going: bool = False,
         chunked: bool = False,
         items_alone: bool = False,
+        forget_settled: bool = False,
     ) -> None:
         options = options if options is not None else CallOptions()
         self.id = next(_ids)
@@ -176,10 +185,19 @@ class Batch:
         # A worker may skip the rest of the batch at its first failure.
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
+        # A batch that lives long (an executor's) keeps no settled slot: ``slots``
+        # stays empty and only the open ones are known (``_live``).
+        self.forget_settled = forget_settled
+        self._live: dict[int, Slot] = {}
+        self._count = len(payloads)  # slots made so far: the next one's index
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
-        self._queued: deque[int] = deque(range(len(payloads)))
-        self._delayed: list[tuple[float, int]] = []  # (not_before, index): retries waiting
+        # Ready slots in order. A slot taken out early (withdraw) stays in the deque,
+        # no longer QUEUED, and is passed over when reached: taking it out would
+        # cost a walk of the deque.
+        self._queued: deque[Slot] = deque(self.slots)
+        # Retries waiting for their delay: (not_before, index, slot), a heap.
+        self._delayed: list[tuple[float, int, Slot]] = []
         self._lock = threading.Lock()
         self._open = open_input
         # Slots ended alone and not settled yet: the runner tells them and kills them.
@@ -189,8 +207,11 @@ class Batch:
         self.outcome: BaseException | None = None
         self.end_kind: EndKind | None = None
         self.ended_at = 0.0
-        self.decided = threading.Event()
-        self.settled = threading.Event()
+        # Running tasks of an ended batch are killed with SIGKILL at once, not
+        # SIGTERM first (an executor's kill_workers()).
+        self.kill_at_once = False
+        self.decided = Latch()
+        self.settled = Latch()
         # Set by whatever runs the tasks: called (from any thread) when the batch ends,
         # has new input, or a task of it was ended alone, so the runner wakes and acts.
         self.notify: Callable[[], None] = _nothing
@@ -221,10 +242,23 @@ class Batch:
         passed included)."""
         if self._delayed and self._delayed[0][0] <= time.monotonic():
             self._release_delayed()
-        return bool(self._queued)
+        queued = self._queued
+        if queued and queued[0].status is not QUEUED:
+            with self._lock:
+                while queued and queued[0].status is not QUEUED:
+                    queued.popleft()  # withdrawn meanwhile
+        return bool(queued)
 
     def queued_count(self) -> int:
+        """About how many tasks are ready (withdrawn ones not passed over yet count)."""
         return len(self._queued)
+
+    def open_slots(self) -> list[Slot]:
+        """The slots not settled yet."""
+        with self._lock:
+            if self.forget_settled:
+                return list(self._live.values())
+            return [s for s in self.slots if s.status not in FINAL]
 
     def next_ready_at(self) -> float | None:
         """When the next retry waiting for its delay may be handed over, if any."""
@@ -239,19 +273,32 @@ class Batch:
 
     def append(self, payload: Any, base: int | None = None, size: int = 1) -> int | None:
         """Add a task to an open batch; returns its index, or ``None`` if it ended."""
+        slot = self.add(payload, base=base, size=size)
+        return None if slot is None else slot.index
+
+    def add(
+        self, payload: Any, *, base: int | None = None, size: int = 1, owner: Any = None
+    ) -> Slot | None:
+        """Add a task to an open batch; returns its slot, or ``None`` if the batch
+        ended or its input was closed. ``owner`` is carried on the slot."""
         with self._lock:
             if self.end_kind is not None or not self._open:
                 return None
-            index = len(self.slots)
+            index = self._count
+            self._count += 1
             slot = Slot(index, payload)
             if base is not None:
                 slot.base = base
             slot.size = size
-            self.slots.append(slot)
-            self._queued.append(index)
+            slot.owner = owner
+            if self.forget_settled:
+                self._live[index] = slot
+            else:
+                self.slots.append(slot)
+            self._queued.append(slot)
             self._unsettled += 1
         self.notify()
-        return index
+        return slot
 
     def close_input(self) -> None:
         """No more tasks will be appended; the batch may now succeed."""
@@ -269,8 +316,11 @@ class Batch:
         with self._lock:
             if self._delayed and self._delayed[0][0] <= now:
                 self._release_delayed_locked(now)
-            while self._queued and len(taken) < most and self.end_kind is None:
-                slot = self.slots[self._queued.popleft()]
+            queued = self._queued
+            while queued and len(taken) < most and self.end_kind is None:
+                slot = queued.popleft()
+                if slot.status is not QUEUED:
+                    continue  # withdrawn
                 slot.status = RUNNING
                 slot.started = now
                 taken.append(slot)
@@ -282,15 +332,68 @@ class Batch:
         with self._lock:
             if slot.status is not QUEUED:
                 return False
-            if slot.index in self._queued:
-                self._queued.remove(slot.index)
-            else:
-                self._delayed = [d for d in self._delayed if d[1] != slot.index]
-                heapq.heapify(self._delayed)
-            self._finish(slot, SKIPPED)
-            self._check_success()
+            self._withdraw_locked(slot)
         self._slot_done(slot)
+        self.notify()  # the runner may forget a batch that has settled so
         return True
+
+    def _withdraw_locked(self, slot: Slot) -> None:
+        # It stays in _queued or _delayed, passed over when reached.
+        self._finish(slot, SKIPPED)
+        self._check_success()
+
+    def cancel_task(self, slot: Slot, *, running: bool) -> bool:
+        """Cancel one task on its own, whatever its state: a queued one is taken out
+        (it ends ``skipped``); with ``running``, one handed over is ended as by
+        :meth:`end_task` with ``CANCELLED`` (one ended only if unstarted is now
+        ended in any case). ``False`` if it settled, or runs and not ``running``.
+        """
+        with self._lock:
+            if slot.status is QUEUED:
+                self._withdraw_locked(slot)
+                withdrawn = True
+            elif slot.status is RUNNING and running:
+                if slot.ended_alone is None:
+                    self._end_alone_locked(slot, CANCELLED, 0)
+                elif slot.unstarted_only:
+                    slot.unstarted_only = False
+                else:
+                    return slot.ended_alone is CANCELLED
+                withdrawn = False
+            else:
+                return False
+        if withdrawn:
+            self._slot_done(slot)
+        self.notify()
+        return True
+
+    def end_unstarted(self) -> None:
+        """End every task that has not started: queued ones are taken out (they end
+        ``skipped``); those handed over are ended alone if they have not started
+        yet (``unstarted_only``: the runner skips them, or spares one that started).
+        """
+        with self._lock:
+            if self.forget_settled:
+                open_slots = list(self._live.values())
+            else:
+                open_slots = [s for s in self.slots if s.status not in FINAL]
+            withdrawn = []
+            for slot in open_slots:
+                if slot.status is QUEUED:
+                    self._withdraw_locked(slot)
+                    withdrawn.append(slot)
+                elif slot.status is RUNNING and slot.ended_alone is None:
+                    self._end_alone_locked(slot, CANCELLED, 0)
+                    slot.unstarted_only = True
+        for slot in withdrawn:
+            self._slot_done(slot)
+        self.notify()
+
+    def spare(self, slot: Slot) -> None:
+        """The runner found that a task ended only if unstarted had started: it runs on."""
+        with self._lock:
+            if slot.unstarted_only and slot.status is RUNNING:
+                self._clear_alone(slot)
 
     def _release_delayed(self) -> None:
         with self._lock:
@@ -298,9 +401,9 @@ class Batch:
 
     def _release_delayed_locked(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            _, index = heapq.heappop(self._delayed)
-            if self.slots[index].status is QUEUED:
-                self._queued.append(index)
+            _, _, slot = heapq.heappop(self._delayed)
+            if slot.status is QUEUED:
+                self._queued.append(slot)
 
     # -- deciding (thread-safe; the first decision wins) ------------------------
 
@@ -326,12 +429,15 @@ class Batch:
         with self._lock:
             if slot.status is not RUNNING or slot.ended_alone is not None:
                 return False
-            slot.ended_alone = status
-            slot.ended_at = time.monotonic()
-            slot.ended_item = item
-            self.alone.add(slot.index)
+            self._end_alone_locked(slot, status, item)
         self.notify()
         return True
+
+    def _end_alone_locked(self, slot: Slot, status: TaskStatus, item: int) -> None:
+        slot.ended_alone = status
+        slot.ended_at = time.monotonic()
+        slot.ended_item = item
+        self.alone.add(slot.index)
 
     def _end(self, kind: EndKind, error: BaseException) -> bool:
         with self._lock:
@@ -341,14 +447,12 @@ class Batch:
             self.end_kind = kind
             self.ended_at = time.monotonic()
             skipped = []
-            for index in itertools.chain(self._queued, (i for _, i in self._delayed)):
-                slot = self.slots[index]
-                slot.status = SKIPPED
-                slot.payload = None
-                skipped.append(slot)
+            for slot in itertools.chain(self._queued, (d[2] for d in self._delayed)):
+                if slot.status is QUEUED:
+                    self._settle(slot, SKIPPED)
+                    skipped.append(slot)
             self._queued.clear()
             self._delayed.clear()
-            self._unsettled -= len(skipped)
             self._open = False
             self.decided.set()
             self._check_settled()
@@ -455,7 +559,7 @@ class Batch:
                 slot.requeued += 1
                 slot.status = QUEUED
                 slot.pid = None
-                self._queued.appendleft(slot.index)
+                self._queued.appendleft(slot)
                 requeued = True
             else:
                 if slot.ended_alone is CANCELLED:
@@ -518,7 +622,10 @@ class Batch:
     def abandon(self) -> None:
         """Settle every task still open: the runner can no longer report on them."""
         with self._lock:
-            open_slots = [s for s in self.slots if s.status not in FINAL]
+            if self.forget_settled:
+                open_slots = list(self._live.values())
+            else:
+                open_slots = [s for s in self.slots if s.status not in FINAL]
             for slot in open_slots:
                 if slot.error is None:
                     slot.error = self._ended_error()
@@ -559,9 +666,9 @@ class Batch:
         self._clear_alone(slot)
         slot.not_before = not_before
         if not_before <= time.monotonic():
-            self._queued.append(slot.index)
+            self._queued.append(slot)
         else:
-            heapq.heappush(self._delayed, (not_before, slot.index))
+            heapq.heappush(self._delayed, (not_before, slot.index, slot))
         return True
 
     def _retryable(self, error: BaseException) -> bool:
@@ -622,9 +729,9 @@ class Batch:
         slot.status = QUEUED
         slot.pid = None
         if slot.not_before > time.monotonic():
-            heapq.heappush(self._delayed, (slot.not_before, slot.index))
+            heapq.heappush(self._delayed, (slot.not_before, slot.index, slot))
         else:
-            self._queued.appendleft(slot.index)
+            self._queued.appendleft(slot)
 
     def _timeout_error(self, slot: Slot) -> TaskTimeout:
         return TaskTimeout(slot.base + slot.ended_item, self.task_timeout or 0.0)
@@ -646,14 +753,21 @@ class Batch:
 
     def _clear_alone(self, slot: Slot) -> None:
         slot.ended_alone = None
+        slot.unstarted_only = False
         self.alone.discard(slot.index)
 
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
+        self._settle(slot, status)
+        self._check_settled()
+
+    def _settle(self, slot: Slot, status: TaskStatus) -> None:
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
         self.alone.discard(slot.index)
+        slot.unstarted_only = False
+        if self.forget_settled:
+            self._live.pop(slot.index, None)
         self._unsettled -= 1
-        self._check_settled()
 
     def _check_success(self) -> None:
         if (
@@ -730,6 +844,36 @@ class Batch:
                 return [s.result if s.status is OK else [s.error] for s in self.slots]
             return [s.result if s.status is OK else s.error for s in self.slots]
         return [slot.result for slot in self.slots]
+
+
+class Latch(threading.Event):
+    """An event that is set once, and calls back whoever asked when it is.
+
+    ``when_set(callback)`` runs ``callback()`` when the event is set (in the
+    thread that sets it, possibly while the batch holds its lock: a callback must
+    be quick and must not call back into the batch), or at once if it is set
+    already. This is how an awaiting coroutine hears of a batch's outcome without a
+    thread of its own waiting for it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = []
+
+    def when_set(self, callback: Callable[[], None]) -> None:
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def set(self) -> None:
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+            super().set()
+        for callback in callbacks or ():
+            callback()
 
 
 def _reindexed(error: TaskError, index: int) -> TaskError:

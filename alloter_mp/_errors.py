@@ -14,6 +14,7 @@ __all__ = [
     "AlloterError",
     "Cancelled",
     "ExecTimeout",
+    "InitializerFailed",
     "MemoryLimitExceeded",
     "RemoteError",
     "SerializationError",
@@ -96,6 +97,14 @@ class TaskError(AlloterError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.__dict__.copy()))
+
+
+class InitializerFailed(TaskError):
+    """The worker's initializer raised, so the task could not run there.
+
+    Not part of the public tree (it is a :class:`TaskError` to its users); it lets
+    an executor tell this failure apart, since it breaks the executor.
+    """
 
 
 class WorkerCrashed(TaskError):
