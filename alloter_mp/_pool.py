@@ -73,6 +73,7 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
+from ._messages import MessageReader
 from ._options import check_limit, check_positive, default_limit
 from ._outcome import report_item, report_outcome
 from ._states import KillReason, TaskStatus
@@ -261,6 +262,7 @@ class WorkerPool:
         self._delayed_runs: dict[PoolRun, None] = {}
         self._deadlines: list[tuple[float, int, PoolRun]] = []
         self._touched: set[PoolRun] = set()
+        self._readers: dict[WorkerHandle, MessageReader] = {}
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
         self._selector = selectors.DefaultSelector()
@@ -708,6 +710,7 @@ class WorkerPool:
         )
         w.room = self._max_tasks
         self._workers.append(w)
+        self._readers[w] = MessageReader(w.conn.fileno())
         self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
         return w
@@ -719,12 +722,16 @@ class WorkerPool:
     # -- events from workers -----------------------------------------------------
 
     def _read(self, w: WorkerHandle, *, drain: bool = False) -> None:
-        # One message per readiness event: the selector is level-triggered and will
-        # report the pipe again if more is waiting, and polling first would cost
-        # more system calls than the message. A dead worker is drained to the end.
+        # What the pipe holds, in one read per readiness event (see _messages): the
+        # selector is level-triggered and reports the pipe again if more is waiting.
+        # A dead worker is drained to the end.
+        reader = self._readers.get(w)
+        if reader is None:
+            return
         try:
             while w.conn_open:
-                self._on_message(w, pickle.loads(w.conn.recv_bytes()))
+                for message in reader.read():
+                    self._on_message(w, pickle.loads(message))
                 if not drain or not w.conn.poll():
                     break
         except (EOFError, OSError):
@@ -797,6 +804,7 @@ class WorkerPool:
         if w.run is not None:
             self._release_worker(w)
         self._workers.remove(w)
+        self._readers.pop(w, None)
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(w.sentinel)
