@@ -165,6 +165,18 @@ class Future(concurrent.futures.Future[Any]):
                 return False
         return self._stop(kill=True)
 
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's result, or raise its exception (even one that is falsey: the
+        standard library's futures before Python 3.14 return ``None`` for those)."""
+        value = super().result(timeout)
+        error = self._exception
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None
+        return value
+
     def _stop(self, *, kill: bool) -> bool:
         with self._condition:
             if self._state == FINISHED:

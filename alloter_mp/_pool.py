@@ -680,6 +680,9 @@ class WorkerPool:
             run.holders += 1
             run.quota.active += 1
             w.mem_peak = 0
+        if batch.task_timeout is not None and w.tt_check is None:
+            # Look at its task's time soon: no event may come before its timeout.
+            w.tt_check = time.monotonic()
         blob = None
         if batch.blob is not None and w.blob_id != batch.id:
             blob = batch.blob
