@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -137,10 +138,8 @@ class Tracked:
         self.name = name
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             Path(self.directory, f"{self.name}.{os.getpid()}").write_text("freed")
-        except Exception:
-            pass
 
 
 def take_tracked_return_tracked(arg, directory):

@@ -241,7 +241,7 @@ def test_max_tasks_per_child_replaces_workers() -> None:
 def test_no_stale_reference_to_the_callable_or_arguments(executor: ProcessPoolExecutor) -> None:
     collected = threading.Event()
     obj = T.Payload(3)
-    ref = weakref.ref(obj, lambda _: collected.set())
+    alive = weakref.ref(obj, lambda _: collected.set())  # (kept: its callback fires)
     future = executor.submit(obj.method)
     arg = T.Payload(4)
     arg_ref = weakref.ref(arg)
@@ -251,6 +251,7 @@ def test_no_stale_reference_to_the_callable_or_arguments(executor: ProcessPoolEx
     assert isinstance(other.result(), T.Payload)
     gc.collect()
     assert collected.wait(5), "the executor kept the submitted callable alive"
+    assert alive() is None
     assert arg_ref() is None, "the executor kept an argument alive"
 
 
@@ -585,7 +586,7 @@ def test_run_in_executor_cancellation_stops_the_work(tmp_path: Path) -> None:
 def test_many_tiny_calls() -> None:
     with ProcessPoolExecutor(2) as ex:
         futures = [ex.submit(T.mul, i, 2) for i in range(10_000)]
-        done, not_done = cf.wait(futures, timeout=120)
+        _, not_done = cf.wait(futures, timeout=120)
         assert not not_done
         assert [f.result() for f in futures] == [2 * i for i in range(10_000)]
 
