@@ -846,34 +846,59 @@ class Batch:
         return [slot.result for slot in self.slots]
 
 
-class Latch(threading.Event):
-    """An event that is set once, and calls back whoever asked when it is.
+class Latch:
+    """A flag that is set once, waited for like a :class:`threading.Event`, and that
+    calls back whoever asked when it is set.
 
-    ``when_set(callback)`` runs ``callback()`` when the event is set (in the
-    thread that sets it, possibly while the batch holds its lock: a callback must
-    be quick and must not call back into the batch), or at once if it is set
-    already. This is how an awaiting coroutine hears of a batch's outcome without a
-    thread of its own waiting for it.
+    ``when_set(callback)`` runs ``callback()`` when the latch is set (in the thread
+    that sets it, possibly while the batch holds its lock: a callback must be quick
+    and must not call back into the batch), or at once if it is set already. This
+    is how an awaiting coroutine hears of a batch's outcome without a thread of its
+    own waiting for it. Cheap to make: the event threads wait on is made only when
+    one does (thousands of calls may be made at once).
     """
 
+    __slots__ = ("_callbacks", "_event", "_flag", "_lock")
+
     def __init__(self) -> None:
-        super().__init__()
-        self._callbacks_lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] | None = []
+        self._flag = False
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
 
     def when_set(self, callback: Callable[[], None]) -> None:
-        with self._callbacks_lock:
-            if self._callbacks is not None:
+        with self._lock:
+            if not self._flag:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(callback)
                 return
         callback()
 
     def set(self) -> None:
-        with self._callbacks_lock:
-            callbacks, self._callbacks = self._callbacks, None
-            super().set()
+        with self._lock:
+            if self._flag:
+                return
+            self._flag = True
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
         for callback in callbacks or ():
             callback()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        with self._lock:
+            if self.is_set():  # set meanwhile
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
 
 def _reindexed(error: TaskError, index: int) -> TaskError:
@@ -893,7 +918,7 @@ def _nothing() -> None:
 MAIN_THREAD_SLICE = 0.05
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
+def wait_interruptibly(event: threading.Event | Latch, timeout: float | None = None) -> bool:
     """``event.wait(timeout)``, in short slices when called from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return event.wait(timeout)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import _context, _mapping, _transport
+from ._aio import AsyncCalls
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import Cancelled, ExecTimeout, SerializationError
@@ -120,11 +121,26 @@ class Caller:
         ``keep_going`` (``errors="return"``): a failed item's :class:`TaskError` in
         its place, the others run on.
         """
+        batch = self.map_batch(fn, items, chunksize, keep_going=keep_going)
+        if batch is None:
+            return []
+        self.run(batch, None, len(items))
+        return list(itertools.chain.from_iterable(batch.results()))
+
+    def map_batch(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        chunksize: int | None,
+        *,
+        keep_going: bool = False,
+    ) -> Batch | None:
+        """The batch of a map over a sequence (``None`` for no items), not launched."""
         started = time.monotonic()
         chunksize = self.chunksize_for(chunksize, keep_going)
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
-            return []
+            return None
         batch = self.prepare(
             chunks,
             None,
@@ -137,8 +153,7 @@ class Caller:
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
-        self.run(batch, None, len(items))
-        return list(itertools.chain.from_iterable(batch.results()))
+        return batch
 
     # -- the steps ---------------------------------------------------------------
 
@@ -288,8 +303,11 @@ class Caller:
             launch.bar = None
 
 
-class BatchAlloter:
+class BatchAlloter(AsyncCalls):
     """The calls of an alloter; a subclass says which runner runs its batches.
+
+    Each call also has an awaitable form (``exec_async``, ``exec_report_async``,
+    ``map_async``, ``imap_async``: see :class:`~alloter_mp._aio.AsyncCalls`).
 
     A subclass sets ``_caller`` (a :class:`Caller` over its runner and options) and
     ``_limit``, and implements :meth:`close`.
