@@ -396,18 +396,21 @@ class _Pickler:
     """
 
     def __init__(self) -> None:
-        self._by_value: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        # Per function: its pickled form if it travels by value, None if by reference.
+        self._functions: weakref.WeakKeyDictionary[Any, bytes | None] = weakref.WeakKeyDictionary()
 
     def dumps(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        if not callable(fn):
-            return _transport.dumps(_Call(fn, args, kwargs))
-        blob = self._by_value.get(fn) if type(fn) is types.FunctionType else None
+        if type(fn) is not types.FunctionType:
+            if not callable(fn):
+                return _transport.dumps(_Call(fn, args, kwargs))
+            return _transport.dumps(functools.partial(fn, *args, **kwargs))
+        try:
+            blob = self._functions[fn]
+        except KeyError:
+            blob = None if _by_reference(fn) else _transport.dumps(fn)
+            self._functions[fn] = blob
         if blob is None:
-            call = functools.partial(fn, *args, **kwargs)
-            if type(fn) is not types.FunctionType or _by_reference(fn):
-                return _transport.dumps(call)
-            blob = _transport.dumps(fn)
-            self._by_value[fn] = blob
+            return _transport.dumps(functools.partial(fn, *args, **kwargs))
         return _transport.dumps(_ByValue(blob, args, kwargs))
 
 

@@ -366,6 +366,7 @@ class WorkerPool:
 
     def _loop(self) -> None:
         stop_deadline: float | None = None
+        due: float | None = 0.0  # the nearest timer: timers are looked at once it is due
         while True:
             now = time.monotonic()
             self._take_inbox()
@@ -383,14 +384,15 @@ class WorkerPool:
                     for w in self._workers:
                         if w.kill_reason is None:
                             w.kill(KillReason.CLOSE, now, hard=True)
-            self._check_timers(now)
+            if due is not None and now >= due:
+                self._check_timers(now)
             self._review_touched()
             self._handle_endings(now)
             if not self._closing:
                 self._dispatch()
             self._review_touched()
 
-            timer = self._next_timer()
+            timer = due = self._next_timer()
             if stop_deadline is not None:
                 timer = stop_deadline if timer is None else min(timer, stop_deadline)
             timeout = None if timer is None else max(0.0, timer - time.monotonic())
@@ -548,7 +550,7 @@ class WorkerPool:
             w.kill(KillReason.MEMORY, now, hard=True)
 
     def _handle_endings(self, now: float) -> None:
-        for run in list(self._ending):
+        for run in list(self._ending) if self._ending else ():
             batch = run.batch
             if not run.holders:
                 if batch.settled.is_set():

@@ -196,7 +196,9 @@ def test_thousands_of_concurrent_calls_share_the_limit(
     assert results[:3000] == [[2 * i] for i in range(3000)]
     assert results[3000:] == [[i] for i in range(40)]
     assert most <= 2, f"{most} tasks ran at once on an alloter of limit 2"
-    assert longest < 0.25, f"the event loop was blocked for {longest:.3f} s"
+    # The calls take about a second: a loop blocked while they run would miss its
+    # ticks for most of it. 0.5 s leaves room for a loaded machine.
+    assert longest < 0.5, f"the event loop was blocked for {longest:.3f} s"
 
 
 # -- cancellation, from each source ---------------------------------------------------------------
