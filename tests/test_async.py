@@ -442,3 +442,23 @@ def test_imap_async_errors_and_timeout(tmp_path: Path) -> None:
             assert time.monotonic() - started < 2.0
 
     run(main())
+
+
+def test_the_async_example_runs() -> None:
+    import os
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "async_service.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "request C: over its 1.0 s budget" in done.stdout
+    assert "all gone" in done.stdout

@@ -677,3 +677,21 @@ def test_exit_with_an_executor_left_open_neither_hangs_nor_orphans(tmp_path: Pat
     assert pid_gone(worker, 5.0) and pid_gone(child, 5.0), "a process outlived the program"
     assert (tmp_path / "short").exists(), "a short pending call was dropped at exit"
     assert "Traceback" not in done.stderr
+
+
+def test_the_executor_example_runs() -> None:
+    root = Path(__file__).parent.parent
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    ours = subprocess.run(
+        [sys.executable, str(root / "examples" / "executor_dropin.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert "score(13) failed: BrokenWorker" in ours.stdout
+    assert "map still works" in ours.stdout
+    assert ours.stdout.count(" = ") == 7  # every other input scored
