@@ -28,18 +28,57 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, Sized
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from . import _calls, _mapping, _transport
+from . import _mapping, _transport
 from ._batch import Batch, Latch, Slot
 from ._context import Context
 from ._errors import Cancelled, SerializationError
-from ._options import check_chunksize
+from ._options import check_chunksize, check_errors, check_fn
 from ._report import Report, build_report
 from ._states import TaskStatus
 
-if TYPE_CHECKING:
-    from ._calls import Caller, Launch
+
+class Launch(Protocol):
+    """A launched call (``_calls.Launch``): its progress bar, if any."""
+
+    bar: Any
+
+
+class Caller(Protocol):
+    """What the awaitable calls need of the calls' machinery (``_calls.Caller``)."""
+
+    parallelism: int
+
+    def prepare(
+        self, tasks: Sequence[Callable[[], Any]], ctx: Context | None, *, measure: bool = False
+    ) -> Batch: ...
+
+    def map_batch(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        chunksize: int | None,
+        *,
+        keep_going: bool = False,
+    ) -> Batch | None: ...
+
+    def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None: ...
+
+    def new_batch(
+        self,
+        payloads: list[Any],
+        ctx: Context | None,
+        *,
+        open_input: bool = False,
+        keep_going: bool = False,
+        chunked: bool = False,
+    ) -> Batch: ...
+
+    def launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Launch: ...
+
+    def finish(self, launch: Any) -> None: ...
+
 
 __all__ = ["AsyncCalls", "AsyncResults"]
 
@@ -85,8 +124,8 @@ class AsyncCalls:
         errors: str = "raise",
     ) -> list[R]:
         """``await`` form of :meth:`map`; ``iterable`` may also be an async iterable."""
-        keep_going = _calls._check_errors(errors)
-        _calls._check_fn(fn)
+        keep_going = check_errors(errors)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         if not isinstance(iterable, Sized) or hasattr(iterable, "__aiter__"):
             results = self.imap_async(fn, iterable, chunksize=chunksize, errors=errors)
@@ -118,8 +157,8 @@ class AsyncCalls:
         ``async for`` early (or cancelling the task iterating) ends the outstanding
         work; ``aclose()`` also waits until it has ended.
         """
-        keep_going = _calls._check_errors(errors)
-        _calls._check_fn(fn)
+        keep_going = check_errors(errors)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         return AsyncResults(self._caller, fn, iterable, chunksize, ordered, keep_going)
 

@@ -17,7 +17,8 @@ from ._calls import BatchAlloter, Caller
 from ._errors import AlloterError, TaskTimeout, WorkerCrashed
 from ._handle import WorkerStats
 from ._options import CallOptions, check_limit, default_limit
-from ._pool import Quota, WorkerPool
+from ._pool import WorkerPool
+from ._poolrun import Quota
 
 if TYPE_CHECKING:
     from ._executor import ProcessPoolExecutor

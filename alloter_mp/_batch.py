@@ -240,7 +240,9 @@ class Batch:
     def has_queued(self) -> bool:
         """Whether a task is ready to be handed over now (retries whose delay has
         passed included)."""
-        if self._delayed and self._delayed[0][0] <= time.monotonic():
+        # Read without the lock: the lists are replaced, never emptied in place.
+        delayed = self._delayed
+        if delayed and delayed[0][0] <= time.monotonic():
             self._release_delayed()
         queued = self._queued
         if queued and queued[0].status is not QUEUED:
@@ -451,8 +453,9 @@ class Batch:
                 if slot.status is QUEUED:
                     self._settle(slot, SKIPPED)
                     skipped.append(slot)
-            self._queued.clear()
-            self._delayed.clear()
+            # Replaced, never emptied in place: the runner peeks without the lock.
+            self._queued = deque()
+            self._delayed = []
             self._open = False
             self.decided.set()
             self._check_settled()
@@ -630,8 +633,8 @@ class Batch:
                 if slot.error is None:
                     slot.error = self._ended_error()
                 self._finish(slot, self._end_status() if slot.status is RUNNING else SKIPPED)
-            self._queued.clear()
-            self._delayed.clear()
+            self._queued = deque()
+            self._delayed = []
             self._open = False
             self._check_settled()
         for slot in open_slots:

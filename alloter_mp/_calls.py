@@ -26,7 +26,7 @@ from ._aio import AsyncCalls
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import Cancelled, ExecTimeout, SerializationError
-from ._options import CallOptions, check_chunksize
+from ._options import CallOptions, check_chunksize, check_errors, check_fn
 from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
@@ -376,10 +376,10 @@ class BatchAlloter(AsyncCalls):
         gives its :class:`TaskError` in place of its result, and every other item
         still runs; the call's timeout and a cancellation still end everything.
         """
-        keep_going = _check_errors(errors)
+        keep_going = check_errors(errors)
         if not isinstance(iterable, Sized):
             return list(self.imap(fn, iterable, chunksize=chunksize, errors=errors))
-        _check_fn(fn)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         # A sequence is sliced as it is (a range stays a range); anything else is listed.
         source: Any = iterable
@@ -402,8 +402,8 @@ class BatchAlloter(AsyncCalls):
         early ends the outstanding work; the timeout counts from this call.
         ``errors`` as for :meth:`map`.
         """
-        keep_going = _check_errors(errors)
-        _check_fn(fn)
+        keep_going = check_errors(errors)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         return _mapping.imap(self._caller, fn, iterable, chunksize, ordered, keep_going)
 
@@ -450,20 +450,6 @@ _WORKER_OPTIONS = frozenset(
         "pool",
     }
 )
-
-
-def _check_errors(errors: object) -> bool:
-    """``errors="raise"`` -> ``False``, ``"return"`` -> ``True`` (keep going)."""
-    if errors == "raise":
-        return False
-    if errors == "return":
-        return True
-    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
-
-
-def _check_fn(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
 
 
 def _cancelled_error(ctx: Context) -> Cancelled:

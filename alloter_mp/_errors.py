@@ -2,7 +2,9 @@
 
 Every error here can be pickled and unpickled (they cross process boundaries in the
 command-line tool and in users' own code), so each one rebuilds itself from its
-fields through ``__reduce__`` rather than from ``args``.
+fields through ``__reduce__`` rather than from ``args``. A pickle names only the
+public class (``alloter_mp.TaskError``) and its ``_restore`` method, never a private
+module, so moving code between files never breaks a stored error.
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ class TaskError(AlloterError):
         return f"task {self.index}: {self.message}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.__dict__.copy()))
+        return (type(self)._restore, (self.__dict__.copy(),))
+
+    @classmethod
+    def _restore(cls, state: dict[str, Any]) -> Any:
+        return _rebuild(cls, state)
 
 
 class InitializerFailed(TaskError):
@@ -182,7 +188,11 @@ class SerializationError(AlloterError):
         return f"task {self.index} cannot be pickled: {self.message}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.__dict__.copy()))
+        return (type(self)._restore, (self.__dict__.copy(),))
+
+    @classmethod
+    def _restore(cls, state: dict[str, Any]) -> Any:
+        return _rebuild(cls, state)
 
 
 def _rebuild(cls: type[BaseException], state: dict[str, Any]) -> BaseException:

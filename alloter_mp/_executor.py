@@ -59,10 +59,11 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._options import CallOptions, default_limit
+from ._poolrun import Quota
 from ._states import TaskStatus
 
 if TYPE_CHECKING:
-    from ._pool import Quota, WorkerPool
+    from ._pool import WorkerPool
 
 __all__ = ["BrokenWorker", "Future", "ProcessPoolExecutor", "UnpicklableCall"]
 
@@ -519,7 +520,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_child,
         )
-        self._setup(pool, _pool.Quota(workers), options, kill_on_cancel, owns_pool=True)
+        self._setup(pool, Quota(workers), options, kill_on_cancel, owns_pool=True)
 
     @classmethod
     def _over(

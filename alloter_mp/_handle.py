@@ -24,7 +24,7 @@ from ._batch import Slot
 from ._states import KillReason
 
 if TYPE_CHECKING:
-    from ._pool import PoolRun
+    from ._poolrun import PoolRun
 
 __all__ = ["KILL_ESCALATION", "WorkerHandle", "WorkerStats"]
 

@@ -15,14 +15,34 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _task, _transport, _words
 from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
 
-if TYPE_CHECKING:
-    from ._calls import Caller, Launch
+
+class CallSteps(Protocol):
+    """What the imap feeder needs of the calls' machinery (``_calls.Caller``)."""
+
+    parallelism: int
+
+    def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None: ...
+
+    def new_batch(
+        self,
+        payloads: list[Any],
+        ctx: Any,
+        *,
+        open_input: bool = False,
+        keep_going: bool = False,
+        chunked: bool = False,
+    ) -> Batch: ...
+
+    def launch(self, batch: Batch, ctx: Any, total: int | None) -> Any: ...
+
+    def finish(self, launch: Any) -> None: ...
+
 
 __all__ = ["Chunk", "imap"]
 
@@ -151,7 +171,7 @@ def _auto_chunksize(length: int | None, workers: int) -> int | None:
 
 
 def imap(
-    caller: Caller,
+    caller: CallSteps,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any],
     chunksize: int | None,
@@ -171,7 +191,7 @@ class _Feeder:
 
     def __init__(
         self,
-        caller: Caller,
+        caller: CallSteps,
         fn: Callable[[Any], Any],
         items: Iterator[Any],
         size: int | None,
@@ -194,7 +214,7 @@ class _Feeder:
 
     def run(self) -> Iterator[Any]:
         batch = self.batch
-        launch: Launch | None = None
+        launch: Any = None
         try:
             launch = self.caller.launch(batch, None, self.total)
             batch.on_slot_done = self._slot_done_with(launch.bar)

@@ -76,9 +76,10 @@ from ._handle import WorkerHandle, WorkerStats
 from ._messages import MessageReader
 from ._options import check_limit, check_positive, default_limit
 from ._outcome import report_item, report_outcome
+from ._poolrun import PoolRun, Quota
 from ._states import KillReason, TaskStatus
 
-__all__ = ["DEFAULT_START_METHOD", "PoolRun", "Quota", "WorkerPool", "elastic_pool", "submit"]
+__all__ = ["DEFAULT_START_METHOD", "WorkerPool", "elastic_pool", "submit"]
 
 
 def _default_start_method() -> str:
@@ -121,56 +122,6 @@ AHEAD_SECONDS = 0.005
 AHEAD_MOST = 256
 # How long close() waits for workers to stop by themselves before killing them.
 STOP_WAIT = 2.0
-
-
-class Quota:
-    """An alloter's share of a pool: at most ``limit`` workers busy with its tasks.
-
-    Alloters made from one another (``with_options``) share one quota, and so one
-    limit; ``None`` means no limit of its own (the pool's size still bounds it).
-    """
-
-    __slots__ = ("active", "limit")
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def full(self) -> bool:
-        return self.limit is not None and self.active >= self.limit
-
-
-class PoolRun:
-    """The pool's bookkeeping for one batch it runs."""
-
-    __slots__ = (
-        "avg_wall",
-        "batch",
-        "end_handled",
-        "forgotten",
-        "holders",
-        "params",
-        "quota",
-        "waiting",
-    )
-
-    def __init__(self, batch: Batch, quota: Quota) -> None:
-        self.batch = batch
-        self.quota = quota
-        self.end_handled = False  # the workers holding its tasks were told it ended
-        self.avg_wall: float | None = None  # the batch's task times, for sending ahead
-        self.holders = 0  # workers holding tasks of it
-        self.waiting = False  # in the pool's queue of runs with tasks to hand over
-        self.forgotten = False  # settled and let go by the pool
-        # What every TASKS message of this batch tells the worker (see _worker).
-        self.params = (
-            batch.id,
-            batch.deadline,
-            batch.measure,
-            batch.fail_fast,
-            batch.task_timeout,
-            batch.per_item,
-        )
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()

@@ -30,19 +30,39 @@ def record(path, seconds, tag):
     return tag
 
 
+def most_at_once(spans):
+    """The most of the ``(start, end)`` spans that overlap at one moment."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def fail_on(bad, x):
+    """``2 * x``, or ValueError for the item ``bad`` (for map)."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * 2
+
+
 def raise_value_error(message="boom"):
     raise ValueError(message)
 
 
-def segfault():
+def segfault(delay=0.0):
+    time.sleep(delay)
     ctypes.string_at(0)
 
 
-def exit_now(code=3):
+def exit_now(code=3, delay=0.0):
+    time.sleep(delay)
     os._exit(code)
 
 
-def kill_self(sig=signal.SIGKILL):
+def kill_self(sig=signal.SIGKILL, delay=0.0):
+    time.sleep(delay)
     os.kill(os.getpid(), sig)
     time.sleep(10)
 
@@ -129,6 +149,12 @@ def return_lock():
 
 def pid():
     return os.getpid()
+
+
+def stubborn_sleep(seconds):
+    """An impolite sibling: ignores cancellation, so it has to be killed."""
+    time.sleep(seconds)
+    return "should have been killed"
 
 
 def sleep_then_raise(seconds, message="late boom"):

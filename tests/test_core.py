@@ -71,12 +71,7 @@ def test_limit_bounds_running_tasks(tmp_path):
         tags = a.exec(*[functools.partial(_tasks.record, str(path), 0.15, i) for i in range(6)])
     assert tags == list(range(6))
     spans = [tuple(map(float, line.split()[1:])) for line in path.read_text().splitlines()]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = most = 0
-    for _, delta in events:
-        running += delta
-        most = max(most, running)
-    assert most == 2
+    assert _tasks.most_at_once(spans) == 2
 
 
 def test_threads_share_one_alloter_and_never_mix_results(alloter):
@@ -445,6 +440,7 @@ def test_worker_pool_shared_by_alloters_and_closed_only_by_itself():
 # -- leaks and lifetime ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_no_process_or_fd_leak_after_300_mixed_calls(tmp_path):
     mixed = [

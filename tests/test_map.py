@@ -13,12 +13,6 @@ from _procs import pid_gone
 from alloter_mp import ExecTimeout, ProcessAlloter, TaskError
 
 
-def fail_on(bad, x):
-    if x == bad:
-        raise ValueError(f"bad item {x}")
-    return x * 2
-
-
 def slow_double(x):
     time.sleep(0.02)
     return x * 2
@@ -39,7 +33,7 @@ def test_map_of_nothing(alloter):
 @pytest.mark.parametrize("chunksize", [None, 1, 10])
 def test_map_failure_names_the_item_index(alloter, chunksize):
     with pytest.raises(TaskError) as info:
-        alloter.map(functools.partial(fail_on, 37), range(100), chunksize=chunksize)
+        alloter.map(functools.partial(_tasks.fail_on, 37), range(100), chunksize=chunksize)
     assert info.value.index == 37
     assert isinstance(info.value.__cause__, ValueError)
     assert "bad item 37" in info.value.remote_traceback
@@ -122,7 +116,7 @@ def test_map_respects_limit_and_fail_fast_timing():
     with ProcessAlloter(2, cancel_grace=0.1) as a:
         start = time.monotonic()
         with pytest.raises(TaskError):
-            a.map(functools.partial(fail_on, 0), range(10_000), chunksize=1)
+            a.map(functools.partial(_tasks.fail_on, 0), range(10_000), chunksize=1)
         assert time.monotonic() - start < 5
 
 

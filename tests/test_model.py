@@ -567,6 +567,7 @@ _settings = settings(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @_settings
 @given(scenarios())

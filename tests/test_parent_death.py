@@ -25,10 +25,10 @@ from pathlib import Path
 import _faults as F
 import psutil
 import pytest
+from _env import TESTS
 
 from alloter_mp import ProcessAlloter, WorkerCrashed
 
-TESTS = str(Path(__file__).resolve().parent)
 METHODS = multiprocessing.get_all_start_methods()
 
 # A parent with a batch in flight: three tasks that start a child each way
@@ -59,7 +59,7 @@ PARENT = textwrap.dedent(
 
 def _start_parent(tmp_path: Path, method: str) -> tuple[subprocess.Popen[str], Path]:
     script = tmp_path / "parent.py"
-    script.write_text(PARENT.format(tests=TESTS))
+    script.write_text(PARENT.format(tests=str(TESTS)))
     d = tmp_path / "markers"
     d.mkdir()
     # Output to a file, not a pipe: a surviving grandchild would hold a pipe open.

@@ -1,8 +1,9 @@
 """RayAlloter on a real local Ray: the outcomes of the process alloter, on Ray.
 
 The session's Ray (``ray_session`` in conftest) has 2 CPUs and listens on the
-loopback address only. The task functions below are module-level on purpose: they
-travel by reference, so the Ray workers import this module, as they would a user's.
+loopback address only. The task functions (below, and those shared with the other
+tests in ``_tasks``) are module-level on purpose: they travel by reference, so the
+Ray workers import their modules, as they would a user's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ from typing import Any
 
 import psutil
 import pytest
+from _env import REPO, needs_ray, without_ray_settings
 from _procs import pid_gone
+from _tasks import (
+    exit_now,
+    fail_on,
+    ignore_sigterm_and_spin,
+    kill_self,
+    most_at_once,
+    raise_two_arg,
+    return_lock,
+    segfault,
+    value,
+)
 
 import alloter_mp
 from alloter_mp import (
@@ -79,23 +92,8 @@ def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
 # -- tasks (run in Ray workers) --------------------------------------------------
 
 
-def value(x: Any) -> Any:
-    return x
-
-
 def square(x: int) -> int:
     return x * x
-
-
-def fail_on(bad: int, x: int) -> int:
-    if x == bad:
-        raise ValueError(f"bad item {x}")
-    return x
-
-
-def sleep_then_raise(seconds: float) -> None:
-    time.sleep(seconds)
-    raise ValueError("late boom")
 
 
 def raise_at(path: str, seconds: float, after: str | None = None) -> None:
@@ -126,11 +124,6 @@ def spin(pidfile: str) -> None:
     Path(pidfile).write_text(str(os.getpid()))
     while True:
         pass
-
-
-def spin_ignoring_sigterm(pidfile: str) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spin(pidfile)
 
 
 def spin_holding_the_gil(pidfile: str) -> int:
@@ -197,34 +190,6 @@ def in_task_view() -> tuple[bool, float | None, int]:
     return alloter_mp.cancelled(), alloter_mp.time_left(), os.getpid()
 
 
-def exit_now(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os._exit(3)
-
-
-def segfault(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def kill_self(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TwoArgError(Exception):
-    def __init__(self, a: Any, b: Any) -> None:
-        super().__init__(f"{a}/{b}")
-
-
-def raise_two_arg() -> None:
-    raise TwoArgError(1, 2)
-
-
-def return_lock() -> Any:
-    return threading.Lock()
-
-
 def big_result(size: int) -> bytes:
     return b"x" * size
 
@@ -257,15 +222,6 @@ def _spans(path: Path) -> list[tuple[float, float]]:
     ]
 
 
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
-
-
 # -- results ------------------------------------------------------------------------
 
 
@@ -284,7 +240,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
     with RayAlloter(1) as a:
         assert a.limit == 1
         a.exec(*[partial(record, str(spans), 0.1) for _ in range(4)])
-        assert _most_at_once(_spans(spans)) == 1
+        assert most_at_once(_spans(spans)) == 1
     spans.unlink()
     with RayAlloter(2) as a:
         threads = [
@@ -296,7 +252,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
         for t in threads:
             t.join(60)
         assert len(_spans(spans)) == 6
-        assert _most_at_once(_spans(spans)) <= 2
+        assert most_at_once(_spans(spans)) <= 2
 
 
 def test_limit_none_is_the_clusters_cpus(ray_session: Any) -> None:
@@ -333,7 +289,7 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
 def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     report = ralloter.exec_report(
-        partial(raise_after, str(pidfile)), partial(spin_ignoring_sigterm, str(pidfile))
+        partial(raise_after, str(pidfile)), partial(ignore_sigterm_and_spin, str(pidfile))
     )
     (pid,) = _read_pid(pidfile)
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
@@ -382,7 +338,7 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
 def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay))
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
@@ -541,13 +497,12 @@ def test_progress_bar(ray_session: Any, capfd: pytest.CaptureFixture[str]) -> No
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     # The session fixture's Ray settings are left out: the child decides for itself.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**base, **env},
+        env=without_ray_settings(**env),
     )
 
 
@@ -696,6 +651,7 @@ def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path
             assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
 
 
+@needs_ray
 def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
     # The program's own local Ray (not the session's): its tasks and its core
     # processes go when the program dies without a chance to shut Ray down.
@@ -719,8 +675,8 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    job = subprocess.Popen([sys.executable, str(script)], env={**env, "RAY_AUTH_MODE": "disabled"})
+    env = without_ray_settings(RAY_AUTH_MODE="disabled")
+    job = subprocess.Popen([sys.executable, str(script)], env=env)
     try:
         (task_pid,) = _read_pid(pidfile, timeout=60)
         ray_core = [
@@ -739,15 +695,15 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
         job.wait(10)
 
 
+@needs_ray
 def test_the_ray_example_runs() -> None:
-    example = Path(__file__).parent.parent / "examples" / "ray_fanout.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    example = REPO / "examples" / "ray_fanout.py"
     out = subprocess.run(
         [sys.executable, str(example)],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**env, "RAY_AUTH_MODE": "disabled"},
+        env=without_ray_settings(RAY_AUTH_MODE="disabled"),
     )
     assert out.returncode == 0, out.stderr
     assert "primes below 1,200,000: 92,938" in out.stdout

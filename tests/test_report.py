@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _tasks import pid, stubborn_sleep
 
 import alloter_mp
 from alloter_mp import (
@@ -41,10 +42,6 @@ STATUSES = {"ok", "error", "crashed", "timeout", "cancelled", "skipped"}
 
 def tiny() -> int:
     return 1
-
-
-def pid() -> int:
-    return os.getpid()
 
 
 def burn(seconds: float) -> float:
@@ -82,12 +79,6 @@ def sleep_until_cancelled(limit: float) -> str:
             return "stopped early"
         time.sleep(0.005)
     return "ran to the end"
-
-
-def stubborn_sleep(seconds: float) -> str:
-    """An impolite sibling: ignores cancellation, so it has to be killed."""
-    time.sleep(seconds)
-    return "should have been killed"
 
 
 def allocate(mib: int) -> int:

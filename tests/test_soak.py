@@ -115,6 +115,7 @@ def _batches_alive() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, Batch))
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_soak_mixed_calls_from_eight_threads(tmp_path: Path) -> None:
