@@ -752,7 +752,7 @@ def test_async_calls_have_the_plain_outcomes(ralloter: RayAlloter) -> None:
     async def main() -> None:
         assert await ralloter.exec_async(partial(value, 1), partial(square, 3)) == [1, 9]
         with pytest.raises(TaskError) as info:
-            await ralloter.exec_async(partial(value, 1), partial(sleep_then_raise, 0.0))
+            await ralloter.exec_async(partial(value, 1), partial(fail_on, 2, 2))
         assert info.value.index == 1
         report = await ralloter.exec_report_async(partial(square, 4))
         assert report.tasks[0].status == "ok" and report.tasks[0].result == 16
