@@ -62,6 +62,14 @@ class ProcessAlloter(BatchAlloter):
     (past it the task is ended and fails with :class:`TaskTimeout`); ``retries``
     more runs for a task whose failure matches ``retry_on`` (by default a crash or a
     task timeout), ``retry_delay * 2**(k-1)`` seconds after its k-th failure.
+
+    Seeing inside: ``relay_logs`` (on by default) hands every ``logging`` record of a
+    task to this process's logging, with ``record.task_index`` and the worker's
+    ``record.process``, and shows its warnings here, under this process's levels,
+    filters and warning filters (taken when a call starts); ``capture_output=True``
+    keeps each task's stdout and stderr (descriptors 1 and 2: C code and child
+    processes included) in :attr:`TaskReport.stdout`/``stderr`` and on a
+    :class:`TaskError`, the last 1 MiB of each, instead of letting them through.
     """
 
     def __init__(
@@ -81,6 +89,8 @@ class ProcessAlloter(BatchAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
         threads_per_worker: int | None = None,
+        relay_logs: bool = True,
+        capture_output: bool = False,
     ) -> None:
         size = check_limit("limit", limit) or default_limit()
         options = CallOptions.checked(
@@ -92,6 +102,8 @@ class ProcessAlloter(BatchAlloter):
             retry_delay=retry_delay,
             memory_limit=memory_limit,
             progress=progress,
+            relay_logs=relay_logs,
+            capture_output=capture_output,
         )
         pool = self._make_pool(
             size=size,
@@ -192,6 +204,8 @@ class Alloter(ProcessAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
         threads_per_worker: int | None = None,
+        relay_logs: bool = True,
+        capture_output: bool = False,
     ) -> None:
         options = CallOptions.checked(
             timeout=timeout,
@@ -202,6 +216,8 @@ class Alloter(ProcessAlloter):
             retry_delay=retry_delay,
             memory_limit=memory_limit,
             progress=progress,
+            relay_logs=relay_logs,
+            capture_output=capture_output,
         )
         pool = self._make_pool(
             size=default_limit(),

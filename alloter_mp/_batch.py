@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
+from ._logreceive import snapshot
 from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
@@ -60,6 +61,10 @@ CANCELLED = TaskStatus.CANCELLED
 SKIPPED = TaskStatus.SKIPPED
 
 _ids = itertools.count(1)
+
+# How long a caller waits, after its batch ended, for the records of its tasks that
+# were written but not yet sent (a worker sends them within a few tens of ms).
+LOGS_WAIT = 0.25
 
 # A task whose worker died before starting it goes back to the queue at most this
 # many times; after that the death is blamed on it (a worker that cannot start
@@ -86,6 +91,7 @@ class Slot:
         "item_state",
         "items",
         "not_before",
+        "output",
         "owner",
         "payload",
         "peak_rss",
@@ -139,6 +145,8 @@ class Slot:
         self.items: list[Any] | None = None
         self.item_attempts: list[int] | None = None
         self.todo: list[int] | None = None
+        # capture_output: what its last run wrote to stdout and stderr.
+        self.output: tuple[str, str] | None = None
 
 
 class Batch:
@@ -170,6 +178,14 @@ class Batch:
         self.memory_limit = options.memory_limit
         self.timeout_message = timeout_message
         self.measure = measure or options.memory_limit is not None
+        # Seeing inside the tasks: the caller's logging levels and warning filters,
+        # taken now, for the workers to apply (None: records and warnings are not
+        # relayed), and whether each task's stdout and stderr are captured.
+        self.log_snapshot = snapshot() if options.relay_logs else None
+        self.capture_output = options.capture_output
+        # Set by a runner that relays logs once the records that tasks running at the
+        # batch's end had written by then were handed over (see wait_logs).
+        self.logs_drained: threading.Event | None = None
         self.keep_going = keep_going
         # The tasks are chunks of a map's items.
         self.chunked = chunked
@@ -185,11 +201,16 @@ class Batch:
         # A worker may skip the rest of the batch at its first failure.
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
-        # A batch that lives long (an executor's) keeps no settled slot: ``slots``
-        # stays empty and only the open ones are known (``_live``).
-        self.forget_settled = forget_settled
+        # A batch that lives long keeps only its open slots, in ``_live``: ``slots``
+        # stays empty and ``results()`` is not available (an executor's stream of
+        # futures; the command line's engine reading ``tail -f``). The runner or the
+        # owner holds what it still needs of a settled slot.
+        self._forget = forget_settled
         self._live: dict[int, Slot] = {}
         self._count = len(payloads)  # slots made so far: the next one's index
+        if forget_settled:
+            self._live = dict(enumerate(self.slots))
+            self.slots = []
         # All tasks pickled together (slots then carry no payload of their own).
         self.blob: bytes | None = None
         # Ready slots in order. A slot taken out early (withdraw) stays in the deque,
@@ -258,7 +279,7 @@ class Batch:
     def open_slots(self) -> list[Slot]:
         """The slots not settled yet."""
         with self._lock:
-            if self.forget_settled:
+            if self._forget:
                 return list(self._live.values())
             return [s for s in self.slots if s.status not in FINAL]
 
@@ -293,7 +314,7 @@ class Batch:
                 slot.base = base
             slot.size = size
             slot.owner = owner
-            if self.forget_settled:
+            if self._forget:
                 self._live[index] = slot
             else:
                 self.slots.append(slot)
@@ -325,6 +346,7 @@ class Batch:
                     continue  # withdrawn
                 slot.status = RUNNING
                 slot.started = now
+                slot.output = None
                 taken.append(slot)
         return taken
 
@@ -375,7 +397,7 @@ class Batch:
         yet (``unstarted_only``: the runner skips them, or spares one that started).
         """
         with self._lock:
-            if self.forget_settled:
+            if self._forget:
                 open_slots = list(self._live.values())
             else:
                 open_slots = [s for s in self.slots if s.status not in FINAL]
@@ -529,7 +551,10 @@ class Batch:
             if slot.ended_alone is not None:
                 if slot.item_state is not None:
                     offset = slot.ended_item
-                    first = self._item_failed(slot, offset, self._ended_alone_error(slot), False)
+                    error = self._ended_alone_error(slot)
+                    if isinstance(error, TaskError) and slot.output is not None:
+                        error.stdout, error.stderr = slot.output  # what the item wrote
+                    first = self._item_failed(slot, offset, error, False)
                     self._run_over(slot)
                 else:
                     slot.attempts += 1
@@ -625,10 +650,8 @@ class Batch:
     def abandon(self) -> None:
         """Settle every task still open: the runner can no longer report on them."""
         with self._lock:
-            if self.forget_settled:
-                open_slots = list(self._live.values())
-            else:
-                open_slots = [s for s in self.slots if s.status not in FINAL]
+            slots = self._live.values() if self._forget else self.slots
+            open_slots = [s for s in slots if s.status not in FINAL]
             for slot in open_slots:
                 if slot.error is None:
                     slot.error = self._ended_error()
@@ -759,16 +782,24 @@ class Batch:
         slot.unstarted_only = False
         self.alone.discard(slot.index)
 
+    def _slot(self, index: int) -> Slot:
+        return self._live[index] if self._forget else self.slots[index]
+
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
         self._settle(slot, status)
         self._check_settled()
 
     def _settle(self, slot: Slot, status: TaskStatus) -> None:
+        error = slot.error
+        if slot.output is not None and isinstance(error, TaskError) and error.stdout is None:
+            # A task's own error carries what it wrote (errors of the batch's end are
+            # shared by its tasks, and are no TaskError).
+            error.stdout, error.stderr = slot.output
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
         self.alone.discard(slot.index)
         slot.unstarted_only = False
-        if self.forget_settled:
+        if self._forget:
             self._live.pop(slot.index, None)
         self._unsettled -= 1
 
@@ -834,11 +865,24 @@ class Batch:
             ):
                 self.expire()
 
+    def wait_logs(self, most: float = LOGS_WAIT) -> None:
+        """Once the batch has ended: wait (at most ``most`` seconds) until the records
+        its running tasks had written by then have been handed to the caller's logging.
+
+        Call from the caller's thread, never from the runner's.
+        """
+        event = self.logs_drained
+        if event is not None and self.end_kind is not None:
+            event.wait(most)
+
     def results(self) -> list[Any]:
         """The results in task order, or raise the outcome.
 
         In a keep-going batch a failed task's :class:`TaskError` stands in its place.
+        Not for a batch that forgets its settled slots.
         """
+        if self._forget:
+            raise RuntimeError("a batch that forgets its settled slots has no results")
         self.wait_decided()
         if self.outcome is not None:
             raise self.outcome

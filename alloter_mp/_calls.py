@@ -30,7 +30,7 @@ from ._options import CallOptions, check_chunksize, check_errors, check_fn
 from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
-__all__ = ["BatchAlloter", "Caller", "Runner"]
+__all__ = ["BatchAlloter", "Caller", "Runner", "caller_of"]
 
 # Tasks pickled together up to this size are sent as one blob per worker.
 BLOB_MOST = 1 << 20
@@ -285,6 +285,7 @@ class Caller:
         """Wait for the outcome (``settle``: for every task); an escape ends the call."""
         try:
             batch.wait_decided()
+            batch.wait_logs()  # an ended batch: what its tasks logged until then first
             if settle:
                 wait_interruptibly(batch.settled)
         except BaseException:
@@ -411,7 +412,8 @@ class BatchAlloter(AsyncCalls):
         """A new alloter with some options of a call replaced, on the same workers.
 
         ``timeout``, ``task_timeout``, ``cancel_grace``, ``retries``, ``retry_on``,
-        ``retry_delay``, ``memory_limit`` and ``progress`` may be replaced; the new
+        ``retry_delay``, ``memory_limit``, ``progress``, ``relay_logs`` and
+        ``capture_output`` may be replaced; the new
         alloter shares this one's workers and its ``limit`` (the tasks of both count
         against it together). Options that shape the workers (``limit``,
         ``start_method``, ``initializer``, ...) raise ``TypeError``. Closing the new
@@ -434,6 +436,12 @@ class BatchAlloter(AsyncCalls):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def caller_of(alloter: BatchAlloter) -> Caller:
+    """The :class:`Caller` behind ``alloter``, for code of this package that runs its
+    own kind of call through the same steps (the command line's ``call``)."""
+    return alloter._caller
 
 
 # Options of a constructor that shape the workers, not a call.

@@ -75,8 +75,14 @@ class TaskError(AlloterError):
     ``index`` is the task's position in the call, ``remote_traceback`` the worker's
     formatted traceback (``""`` when there is none, as for a crash), and
     ``__cause__`` the original exception when it could be rebuilt in the parent,
-    otherwise a :class:`RemoteError`.
+    otherwise a :class:`RemoteError`. With ``capture_output=True``, ``stdout`` and
+    ``stderr`` are what the task wrote to its descriptors 1 and 2 (the last 1 MiB
+    of each, as text); otherwise they are ``None``.
     """
+
+    # Set on the instance when the task's output was captured (so they pickle with it).
+    stdout: str | None = None
+    stderr: str | None = None
 
     def __init__(
         self,

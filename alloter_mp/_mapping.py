@@ -134,12 +134,14 @@ class Chunk:
         # per block, a failing item's offset marked on its exception.
         fn = self.fn
         items = self.items
+        state = _task.state
         out: list[Any] = []
         offset = 0
         try:
             for offset, item in enumerate(items):
                 if offset % _BLOCK == 0 and _task.cancelled():
                     raise Cancelled("the call was cancelled")
+                state.item = offset  # the item its log records name
                 out.append(fn(item))
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -252,6 +254,7 @@ class _Feeder:
                 return
             slot = self._next_done()
             if batch.outcome is not None:
+                batch.wait_logs()
                 raise batch.outcome
             if slot is None:
                 continue

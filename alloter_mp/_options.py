@@ -127,6 +127,8 @@ class CallOptions:
     retry_delay: float = 0.0
     memory_limit: int | None = None
     progress: bool = False
+    relay_logs: bool = True
+    capture_output: bool = False
 
     @classmethod
     def checked(cls, **values: Any) -> CallOptions:
@@ -177,4 +179,6 @@ _CHECKS: dict[str, Any] = {
     "retry_delay": _retry_delay,
     "memory_limit": lambda v: check_bytes("memory_limit", v),
     "progress": bool,
+    "relay_logs": bool,
+    "capture_output": bool,
 }

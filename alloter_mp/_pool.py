@@ -62,7 +62,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _task, _threads, _transport, _words, _worker
+from . import _sight, _task, _threads, _transport, _words, _worker
 from ._batch import Batch, Slot
 from ._errors import (
     AlloterError,
@@ -75,7 +75,7 @@ from ._errors import (
 from ._handle import WorkerHandle, WorkerStats
 from ._messages import MessageReader
 from ._options import check_limit, check_positive, default_limit
-from ._outcome import report_item, report_outcome
+from ._outcome import attach_output, report_item, report_outcome
 from ._poolrun import PoolRun, Quota
 from ._states import KillReason, TaskStatus
 
@@ -278,6 +278,8 @@ class WorkerPool:
             wake()
 
         batch.notify = notify
+        if batch.log_snapshot is not None:
+            batch.logs_drained = threading.Event()
         with self._lock:
             if self._closing:
                 raise AlloterError("the pool is closed")
@@ -503,7 +505,10 @@ class WorkerPool:
     def _handle_endings(self, now: float) -> None:
         for run in list(self._ending) if self._ending else ():
             batch = run.batch
+            drained = batch.logs_drained
             if not run.holders:
+                if drained is not None:
+                    drained.set()  # no worker holds a task of it: no record is owed
                 if batch.settled.is_set():
                     self._forget(run)
                 continue
@@ -512,6 +517,10 @@ class WorkerPool:
                 run.end_handled = True
                 for w in holders:
                     w.words[_words.CANCEL_BATCH] = batch.id
+                    if drained is not None:
+                        w.sight.owes()  # records written before the end, not sent yet
+            if drained is not None and not any(w.sight.owed is not None for w in holders):
+                drained.set()  # the caller may return: they were handed over
             grace = batch.grace_deadline
             if grace is not None and now >= grace:
                 for w in holders:
@@ -633,6 +642,10 @@ class WorkerPool:
             run.holders += 1
             run.quota.active += 1
             w.mem_peak = 0
+            config = w.sight.config(batch)
+            if config is not None:
+                with contextlib.suppress(OSError):  # the TASKS message below finds out
+                    w.conn.send_bytes(config)
         if batch.task_timeout is not None and w.tt_check is None:
             # Look at its task's time soon: no event may come before its timeout.
             w.tt_check = time.monotonic()
@@ -701,6 +714,9 @@ class WorkerPool:
 
     def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
+        if kind == _sight.LOGS:  # may come between tasks too (from a task's thread)
+            w.sight.on_logs(msg, None if w.run is None else w.run.batch)
+            return
         if kind == _worker.INIT_FAILED:
             w.init_error = msg[1]
             return
@@ -712,7 +728,15 @@ class WorkerPool:
             _, _, seq, offset, code, body, start = msg
             slot = _find(w, seq)
             batch.started(slot, start)
-            report_item(batch, slot, offset, code == _task.OK, body)
+            output = w.sight.take_item_output(seq, offset)
+            report_item(batch, slot, offset, code == _task.OK, body, output)
+            return
+        if kind == _sight.OUTPUT:
+            _, _, seq, offset, out, err = msg
+            if offset < 0:
+                _find(w, seq).output = (out, err)
+            else:
+                w.sight.on_item_output(seq, offset, (out, err))
             return
         for seq, code, body, wall, cpu, peak, start in msg[2]:
             sent, slot = w.pipeline.popleft()
@@ -749,6 +773,8 @@ class WorkerPool:
         w.kill_now()
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
+        # Then the records it journaled but never sent, before its task is settled.
+        w.sight.recover(None if w.run is None else w.run.batch)
         w.proc.join(0.5)
         # Keep the pool warm: replace a worker that died holding work, was killed or
         # retired. One that died on its own before doing anything (a failing
@@ -794,6 +820,10 @@ class WorkerPool:
         if head is None and never and w.init_error is not None:
             head = never.pop(0)  # its initializer failed: the first task tells the caller
         if head is not None:
+            if blamed_seq and batch.capture_output and head.output is None:
+                # What it wrote until it died: the files still hold it (a task, or
+                # the chunk item that ran).
+                head.output = w.sight.read_output()
             if running:
                 batch.started(head, w.words[_words.START_NS] / 1e9)
             # A chunk runner keeps the offset of the item it runs in ITEM.
@@ -832,6 +862,7 @@ class WorkerPool:
             error.__cause__ = _transport.rebuild_exception(info)
         if slot.item_state is not None and slot.status is TaskStatus.RUNNING:
             # Only the item that was running fails; the rest of the chunk runs on.
+            attach_output(error, slot.output)
             batch.item_failed(slot, index - slot.base, error, crashed=True)
             batch.run_interrupted(slot)
             return

@@ -6,7 +6,9 @@ A worker:
   a task started, and a Ctrl-C meant for the parent does not reach it;
 * watches a lifeline pipe from the parent in a small thread: when the parent dies
   the pipe reaches EOF and the worker kills its own group, so nothing is orphaned;
-* turns on ``faulthandler``, so a segfault leaves its stack on stderr;
+* turns on ``faulthandler``, so a segfault leaves its stack on descriptor 2;
+* relays its tasks' log records and warnings to the parent, and captures their
+  output when asked (:mod:`alloter_mp._sight`);
 * reads task messages, keeps the tasks in a local queue and runs them in order
   (through :func:`alloter_mp._task.execute`, as every engine does); a task of a
   batch the parent has ended is skipped without starting;
@@ -30,7 +32,7 @@ import time
 from collections import deque
 from typing import Any
 
-from . import _task, _threads, _transport, _words
+from . import _sight, _task, _threads, _transport, _words
 from ._measure import PeakMeter
 
 __all__ = ["INIT_FAILED", "ITEM", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
@@ -49,6 +51,7 @@ STOP = 2  # (STOP,)
 RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak, start), ...])
 INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
 ITEM = 5  # (ITEM, batch_id, seq, offset, code, body, start): one item of a chunk
+# Kinds 6 (LOGS), 7 (CONFIG) and 8 (OUTPUT) are the relay's and capture's: see _sight.
 
 # Result codes: _task.OK, _task.ERR, and:
 SKIPPED = 2  # never started: its batch had ended
@@ -96,17 +99,24 @@ def worker_main(
     lifeline_w: Any,
     init_payload: bytes | None,
     thread_env: dict[str, str] | None = None,
+    sight_args: Any = None,
 ) -> None:
-    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    """Entry point of a worker process (the target of ``multiprocessing.Process``).
+
+    ``sight_args``: the log journal and capture files its parent made for it
+    (:meth:`alloter_mp._sight.HandleSight.worker_args`).
+    """
     _threads.apply_env(thread_env)  # before the initializer or a task loads a BLAS
     _become_group_leader()
     # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    faulthandler.enable()
+    # Descriptor 2, whatever sys.stderr is: a captured task's crash report is its output.
+    faulthandler.enable(file=2)
     with contextlib.suppress(Exception):
         lifeline_w.close()  # under fork we inherited the parent's end: drop it
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     _task.state.words = _words.view(words)
+    sight = _sight.WorkerSight(conn.send_bytes, sight_args, _task.state.words)
 
     if init_payload is not None:
         try:
@@ -115,9 +125,9 @@ def worker_main(
         except BaseException as exc:
             info = _transport.capture_exception(exc, skip_frames=1)
             with contextlib.suppress(OSError):
-                conn.send_bytes(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
+                sight.send(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
             os._exit(3)
-    _serve(conn)
+    _serve(conn, sight)
 
 
 # The batch's parameters of a TASKS message (see above).
@@ -126,7 +136,7 @@ _Params = tuple[int, float | None, bool, bool, float | None, bool]
 _Queued = tuple[_Params, int, int, bytes | None, list[int] | None]
 
 
-def _serve(conn: Any) -> None:
+def _serve(conn: Any, sight: _sight.WorkerSight) -> None:
     state = _task.state
     words = state.words
     assert words is not None
@@ -137,7 +147,7 @@ def _serve(conn: Any) -> None:
     out_batch = 0
     out_since = 0.0
     recv = conn.recv_bytes
-    send = conn.send_bytes
+    send = sight.send  # log frames go first
     poll = conn.poll
     dumps = pickle.dumps
     protocol = _transport.PROTOCOL
@@ -153,7 +163,9 @@ def _serve(conn: Any) -> None:
         # An item's outcome goes at once: if the worker dies in the next item, the
         # ones before it are not lost. Results held back are older: they go first.
         flush()
+        sight.after(state.batch_id, seq, offset)
         send(dumps((ITEM, state.batch_id, seq, offset, code, body, start), protocol))
+        sight.resume()
 
     state.item_sink = send_item
     while True:
@@ -169,8 +181,13 @@ def _serve(conn: Any) -> None:
                 return
             if msg[0] == STOP:
                 flush()
+                sight.stop()
                 return
+            if msg[0] == _sight.CONFIG:
+                sight.configure(msg)
+                continue
             _, params, blob, items = msg
+            sight.batch(params[0])
             if blob is not None:
                 blobs.set(params[0], blob)
             for seq, index, payload, offsets in items:
@@ -189,7 +206,9 @@ def _serve(conn: Any) -> None:
         ):
             out.append((seq, SKIPPED, None, 0.0, 0.0, 0, 0.0))
             continue
+        sight.before(index)
         item = _run_one(words, params, seq, index, payload, offsets, blobs, meter)
+        sight.after(batch_id, seq)
         out.append(item)
         if not params[3]:
             # Not fail-fast: each task's outcome stands on its own, so none is held

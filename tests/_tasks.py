@@ -51,17 +51,26 @@ def raise_value_error(message="boom"):
     raise ValueError(message)
 
 
-def segfault(delay=0.0):
+def _write_pid(pidfile):
+    if pidfile is not None:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def segfault(delay=0.0, pidfile=None):
+    _write_pid(pidfile)
     time.sleep(delay)
     ctypes.string_at(0)
 
 
-def exit_now(code=3, delay=0.0):
+def exit_now(code=3, delay=0.0, pidfile=None):
+    _write_pid(pidfile)
     time.sleep(delay)
     os._exit(code)
 
 
-def kill_self(sig=signal.SIGKILL, delay=0.0):
+def kill_self(sig=signal.SIGKILL, delay=0.0, pidfile=None):
+    _write_pid(pidfile)
     time.sleep(delay)
     os.kill(os.getpid(), sig)
     time.sleep(10)
@@ -191,3 +200,41 @@ class SlowToPickle:
     def __reduce__(self):
         time.sleep(0.4)
         return (SlowToPickle, ())
+
+
+# -- tasks for the timing of a batch's end (test_ending.py) ------------------------
+# They stamp ``time.monotonic()``, which on Linux is one clock for every process, so
+# a test can place a task's moments on the caller's own time line.
+
+
+def stamp_then_raise(path, delay):
+    """Sleep ``delay`` s, write the moment of failing to ``path``, then raise."""
+    time.sleep(delay)
+    with open(path, "w") as f:
+        f.write(repr(time.monotonic()))
+    raise ValueError("failed on time")
+
+
+def ignore_sigterm_and_sleep(pidfile, seconds=100):
+    """Ignore SIGTERM (only SIGKILL ends it) and sleep, ignoring ``cancelled()``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def exit_on_sigterm(pidfile, marker, seconds=100):
+    """Sleep ignoring ``cancelled()``; on SIGTERM write its moment to ``marker`` and exit.
+
+    Proves from outside that the worker was asked with SIGTERM before any SIGKILL.
+    """
+
+    def on_term(signum, frame):
+        with open(marker, "w") as f:
+            f.write(repr(time.monotonic()))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)

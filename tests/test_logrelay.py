@@ -488,6 +488,31 @@ def test_an_error_filter_of_the_parent_raises_in_the_task_as_it_would_here(worke
     assert shown == []
 
 
+def warn_late() -> bool:
+    loaded = "_latewarning" in sys.modules
+    import _latewarning
+
+    warnings.warn("late", _latewarning.LateWarning, stacklevel=1)
+    return loaded
+
+
+def test_a_filter_never_imports_its_category_in_the_worker(worker):
+    import _latewarning
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", _latewarning.LateWarning)
+        # Its module was not loaded when the batch began: the filter could not apply
+        # there, so the warning is shown here rather than lost.
+        (status, loaded), _ = worker.run(warn_late)
+        assert (status, loaded) == ("ok", False)
+        assert [w.category for w in shown] == [_latewarning.LateWarning]
+        # From the next batch on the worker has the module, and the filter.
+        (status, text), _ = worker.run(warn_late)
+    assert status == "err" and "LateWarning: late" in text
+    assert len(shown) == 1
+
+
 def test_warnings_are_not_relayed_with_the_relay_off(worker):
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")

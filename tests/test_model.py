@@ -1,20 +1,25 @@
 """A randomized model test: random batches of faulty tasks against the contract.
 
-Each example draws a batch of up to 30 tasks from the kinds in :mod:`_faults`
-(return a value, raise, sleep briefly, sleep past the timeout, segfault,
-``os._exit``, SIGKILL itself, ignore SIGTERM and spin, start a child and hang,
-return an unpicklable value, allocate past the memory limit, wait for
-``cancelled()``), a random limit, timeout, ``cancel_grace`` and memory limit, and
-sometimes a ``Context`` with a deadline or cancelled from another thread. It runs
-the batch with ``exec``/``exec_with_context`` or ``exec_report`` on a fresh alloter
-and checks:
+Each example draws a limit (1-5) and a batch whose size is drawn relative to it
+(empty, under the limit, at it, a few rounds of it, many rounds; at most 30 tasks),
+made of tasks of the kinds in :mod:`_faults` (return a value, raise, sleep briefly,
+sleep past the timeout, segfault, ``os._exit``, SIGKILL itself, ignore SIGTERM and
+spin, start a child and hang, return an unpicklable value, allocate past the memory
+limit, wait for ``cancelled()``). A batch has one of four shapes: only tasks that
+return (so that non-empty batches succeed), ordinary work with one fault in it,
+ordinary work with tasks that never end by themselves, or a weighted mix. It also
+draws a timeout, a ``cancel_grace`` and a memory limit, and sometimes a ``Context``
+with a deadline, cancelled from another thread, or cancelled before the call. It
+runs the batch with ``exec``/``exec_with_context`` or ``exec_report`` on a fresh
+alloter and checks:
 
 * the outcome is one the contract allows: the results in order when every task
   returns; otherwise an error of the right type whose index is a task that really
   started and really fails (``WorkerCrashed`` with the right exit code for a crash,
   ``MemoryLimitExceeded`` for the memory hog, a ``TaskError`` caused by the task's
   ``ValueError``...); ``ExecTimeout`` only once the deadline passed and soon after
-  it; ``Cancelled`` only once the context was cancelled and soon after;
+  it; ``Cancelled`` only once the context was cancelled (the moment ``cancel()`` was
+  called, not when its timer was due) and soon after;
 * the outcome is forced where the model can tell: a batch of benign tasks with time
   to spare succeeds; a batch with an instant failure among its first ``limit``
   tasks fails with a ``TaskError`` before any deadline (fast return);
@@ -26,21 +31,32 @@ and checks:
   no descendants; the alloter still runs a batch correctly; after ``close()`` no
   process is left and the open file descriptors are back to their baseline.
 
+Each example records what it exercised (``hypothesis.event``: success, success
+beyond the limit, task error, crash, memory limit, timeout and context cancel in
+exec and report mode, a cooperative task told, a task killed, queued tasks
+skipped); the fixed run then asserts a minimum count of each (``MIN_COVERAGE``),
+so a change that stops exercising one fails instead of passing quietly. The
+summary (``-s``) prints the counts.
+
 The runner is a parameter (:class:`Target`): this module checks
 ``ProcessAlloter``; ``test_model_ray.py`` runs the same scenarios and checks on
 ``RayAlloter``, adapting only what its contract says differs there.
 
-Reproducing: the test is derandomized (same examples on every run) unless
-``ALLOTER_MODEL_SEED`` is set; ``ALLOTER_MODEL_EXAMPLES`` sets the number of
-examples (default 200) and ``ALLOTER_MODEL_SHRINK=1`` turns on shrinking (slow:
-every shrink step runs real processes). A failure prints the scenario (``note``)
-and Hypothesis's ``@reproduce_failure`` blob.
+Two tests: the fixed examples (derandomized: the same 200 on every run;
+``ALLOTER_MODEL_EXAMPLES`` changes how many), and a fresh random run beside them
+(``ALLOTER_MODEL_FRESH_EXAMPLES``, default 40, 0 turns it off) whose seed is
+printed at its start (``-s``, or in the captured output of a failure);
+``ALLOTER_MODEL_SEED=<seed>`` replays it. ``ALLOTER_MODEL_SHRINK=1`` turns on
+shrinking (slow: every shrink step runs real processes). A failure prints the
+scenario (``note``) and Hypothesis's ``@reproduce_failure`` blob.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -54,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import _faults as F
 import pytest
 from _faults import Fault
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import HealthCheck, Phase, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 from alloter_mp import (
@@ -107,22 +123,63 @@ _KIND_WEIGHTS = {
     F.CHILD_HANG: 1,
 }
 _WEIGHTED_KINDS = [k for k, n in _KIND_WEIGHTS.items() for _ in range(n)]
+# The one fault of a "one-fault" batch: every kind alike (the weights above would
+# make the rare ones, the memory hog say, too rare to count on).
+_FAULT_KINDS = [k for k in F.ALL_KINDS if k not in F.BENIGN]
+_HANGS_KINDS = [F.VALUE, F.VALUE, F.SLEEP, *sorted(F.HANGING)]  # sorted: sets vary by run
 
 _PARAMS: dict[str, st.SearchStrategy[Any]] = {
     F.VALUE: st.integers(0, 10_000),
-    F.SLEEP: st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.3]),
+    F.SLEEP: st.sampled_from([0.01, 0.02, 0.05, 0.1, 0.2, 0.3]),
     F.EXIT: st.sampled_from([0, 1, 3, 70]),
     F.CHILD_HANG: st.sampled_from(F.CHILD_MODES),
 }
 
+# What a batch is made of: only tasks that return (so that non-empty batches do
+# succeed, and "results in task order" is proven on them), ordinary work with one
+# fault somewhere in it, ordinary work with tasks that never end by themselves (so
+# that a deadline or a cancel ends the batch, not a failure), or the weighted mix.
+SHAPES = ("benign", "benign", "one-fault", "one-fault", "hangs", "hangs", "hangs", "mixed", "mixed")
+_CTX_MODES = ("none", "none", "none", "deadline", "deadline")
+_CTX_MODES += ("cancel", "cancel", "child_cancel", "pre_cancelled", "pre_cancelled")
+# A batch that cannot end by itself is ended by a cancel (exec or report) as often
+# as by a deadline: both must be seen often enough to count.
+_CTX_MODES_HANGS = ("none", "deadline", "cancel", "cancel", "child_cancel")
+# How many tasks, relative to the limit: none, fewer than the limit, as many, a few
+# rounds of it, or many rounds (at most MOST_TASKS).
+SIZES = ("empty", "under", "at", "at", "rounds", "rounds", "rounds", "many", "many")
+MOST_TASKS = 30
 
-@st.composite
-def faults(draw: st.DrawFn, memory: bool) -> Fault:
-    kind = draw(st.sampled_from(_WEIGHTED_KINDS))
+
+def _fault(draw: st.DrawFn, kinds: list[str], memory: bool) -> Fault:
+    kind = draw(st.sampled_from(kinds))
     if kind == F.MEMORY and not memory:
         kind = F.RAISE  # without a memory limit the hog would never be stopped
     param = draw(_PARAMS[kind]) if kind in _PARAMS else None
     return Fault(kind, param)
+
+
+@st.composite
+def faults(draw: st.DrawFn, memory: bool) -> Fault:
+    return _fault(draw, _WEIGHTED_KINDS, memory)
+
+
+# A batch of only benign tasks is the one that succeeds: more of them go past the
+# limit, so that "results in task order" is proven across rounds of workers.
+SIZES_BENIGN = ("empty", "under", "at", "rounds", "rounds", "rounds", "many", "many")
+
+
+def _size(draw: st.DrawFn, limit: int, sizes: tuple[str, ...] = SIZES) -> int:
+    size = draw(st.sampled_from(sizes))
+    if size == "empty":
+        return 0
+    if size == "under":
+        return draw(st.integers(1, max(1, limit - 1)))
+    if size == "at":
+        return limit
+    if size == "rounds":
+        return draw(st.integers(limit + 1, min(MOST_TASKS, 3 * limit)))
+    return draw(st.integers(min(MOST_TASKS, 3 * limit + 1), MOST_TASKS))
 
 
 @dataclass
@@ -135,39 +192,61 @@ class Scenario:
     ctx_after: float
     entry: str  # exec | report
     faults: list[Fault] = field(default_factory=list)
+    shape: str = "mixed"
 
     def short(self) -> str:
         kinds = ",".join(f.kind if f.param is None else f"{f.kind}({f.param})" for f in self.faults)
         return (
             f"limit={self.limit} timeout={self.timeout} grace={self.grace} "
             f"memory_limit={self.memory_limit} ctx={self.ctx_mode}@{self.ctx_after} "
-            f"entry={self.entry} tasks=[{kinds}]"
+            f"entry={self.entry} shape={self.shape} tasks=[{kinds}]"
+        )
+
+    def options(self) -> tuple[Any, ...]:
+        return (
+            self.limit,
+            self.timeout,
+            self.grace,
+            self.memory_limit is not None,
+            self.ctx_mode,
+            self.ctx_after,
+            self.entry,
         )
 
 
 @st.composite
 def scenarios(draw: st.DrawFn, memory_limit: int = MEMORY_LIMIT) -> Scenario:
-    memory = draw(st.booleans())
+    # A memory hog meets a memory limit (else it would be a RAISE, see ``_fault``).
+    memory = draw(st.sampled_from([True, True, False]))
+    limit = draw(st.integers(1, 5))
+    shape = draw(st.sampled_from(SHAPES))
+    n = _size(draw, limit, SIZES_BENIGN if shape == "benign" else SIZES)
+    if shape == "benign":
+        tasks = [_fault(draw, [F.VALUE, F.VALUE, F.SLEEP], memory) for _ in range(n)]
+    elif shape == "one-fault" and n:
+        tasks = [_fault(draw, [F.VALUE, F.VALUE, F.SLEEP], memory) for _ in range(n - 1)]
+        tasks.insert(draw(st.integers(0, n - 1)), _fault(draw, _FAULT_KINDS, memory))
+    elif shape == "hangs":
+        tasks = [_fault(draw, _HANGS_KINDS, memory) for _ in range(n)]
+    else:
+        tasks = [draw(faults(memory)) for _ in range(n)]
     sc = Scenario(
-        limit=draw(st.sampled_from([1, 2, 3, 5])),
-        timeout=draw(st.sampled_from([None, 0.4, 0.8, 1.5])),
-        grace=draw(st.sampled_from([0.0, 0.05, 0.25])),
-        memory_limit=memory_limit if memory else None,
-        ctx_mode=draw(
+        limit=limit,
+        timeout=draw(
             st.sampled_from(
-                [
-                    *("none", "none", "none", "deadline", "deadline"),
-                    *("cancel", "child_cancel", "pre_cancelled"),
-                ]
+                # Benign batches mostly get time to finish: success is what they prove.
+                [None, None, None, None, 0.6, 1.0, 1.5]
+                if shape == "benign"
+                else [None, None, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5]
             )
         ),
-        ctx_after=draw(st.sampled_from([0.05, 0.2, 0.5, 1.2])),
+        grace=draw(st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.25, 0.3])),
+        memory_limit=memory_limit if memory else None,
+        ctx_mode=draw(st.sampled_from(_CTX_MODES_HANGS if shape == "hangs" else _CTX_MODES)),
+        ctx_after=draw(st.sampled_from([0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2])),
         entry=draw(st.sampled_from(["exec", "report"])),
-        faults=draw(
-            st.sampled_from(range(31)).flatmap(
-                lambda n: st.lists(faults(memory), min_size=n, max_size=n)
-            )
-        ),
+        faults=tasks,
+        shape=shape,
     )
     hangs = any(f.kind in F.HANGING for f in sc.faults)
     if hangs and sc.timeout is None and sc.ctx_mode == "none":
@@ -186,6 +265,11 @@ class RunStats:
     worst_late: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
     sizes: Counter[str] = field(default_factory=Counter)
+    # What the examples exercised (see ``_coverage``), asserted by the fixed run.
+    coverage: Counter[str] = field(default_factory=Counter)
+    options: set[tuple[Any, ...]] = field(default_factory=set)
+    tasks: int = 0
+    started: int = 0
 
 
 # -- the runner under test --------------------------------------------------------------
@@ -300,13 +384,19 @@ def _run_batch(a: BatchAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
     timer: threading.Timer | None = None
     t0 = time.monotonic()
     cancel_at: float | None = None
+    cancelled_at: list[float] = []
     if sc.ctx_mode == "deadline":
         ctx = Context(timeout=sc.ctx_after)
     elif sc.ctx_mode in ("cancel", "child_cancel"):
         parent = Context()
         ctx = parent.child() if sc.ctx_mode == "child_cancel" else parent
-        timer = threading.Timer(sc.ctx_after, parent.cancel, args=("model",))
-        cancel_at = sc.ctx_after
+
+        def cancel(parent: Context = parent) -> None:
+            # The moment of the cancel itself: a Timer may fire late on a busy machine.
+            cancelled_at.append(time.monotonic())
+            parent.cancel("model")
+
+        timer = threading.Timer(sc.ctx_after, cancel)
     elif sc.ctx_mode == "pre_cancelled":
         ctx = Context()
         ctx.cancel("before the call")
@@ -342,6 +432,8 @@ def _run_batch(a: BatchAlloter, sc: Scenario, tasks: list[Any]) -> Observed:
         if timer is not None:
             timer.cancel()
             timer.join()
+            # Relative to the call's start; None if the call ended before the cancel.
+            cancel_at = cancelled_at[0] - t0 if cancelled_at else None
     if report is not None:
         results = None if outcome is not None else [t.result for t in report.tasks]
     return Observed(outcome, results, report, elapsed, deadline, cancel_at)
@@ -511,6 +603,48 @@ def _cleanup_leftovers(d: str) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _coverage(sc: Scenario, obs: Observed, d: str) -> list[str]:
+    """What this example exercised, once its checks passed (see ``MIN_COVERAGE``)."""
+    out = obs.outcome
+    started = F.started(d)
+    kinds = []
+    if not sc.faults:
+        kinds.append("empty batch")
+    elif out is None:
+        kinds.append("success")
+        if len(sc.faults) > sc.limit:
+            kinds.append("success beyond the limit")
+    if isinstance(out, MemoryLimitExceeded):
+        kinds.append("memory limit")
+    elif isinstance(out, WorkerCrashed):
+        kinds.append("crash")
+    elif isinstance(out, TaskError):
+        kinds.append("task error")
+    elif isinstance(out, ExecTimeout):
+        kinds.append(f"timeout ({sc.entry})")
+    elif isinstance(out, Cancelled):
+        if sc.ctx_mode == "pre_cancelled":
+            kinds.append("context cancelled before the call")
+        else:
+            kinds.append(f"context cancel ({sc.entry})")
+    if F.saw_cancel(d):
+        kinds.append("cooperative task saw cancelled()")
+    if any(sc.faults[i].kind in F.MUST_BE_KILLED for i in started):
+        kinds.append("task killed")
+    if out is not None and sc.faults and len(started) < len(sc.faults):
+        kinds.append("queued tasks skipped")
+    return kinds
+
+
+def _record_coverage(run: RunStats, sc: Scenario, obs: Observed, d: str) -> None:
+    for kind in _coverage(sc, obs, d):
+        event(kind)  # shown by --hypothesis-show-statistics
+        run.coverage[kind] += 1
+    run.options.add(sc.options())
+    run.tasks += len(sc.faults)
+    run.started += len(F.started(d))
+
+
 def run_scenario(sc: Scenario, target: Target = PROCESS) -> None:
     run = target.run
     baseline = _fd_baseline(target)
@@ -535,6 +669,7 @@ def run_scenario(sc: Scenario, target: Target = PROCESS) -> None:
             _check_report(sc, obs, d)
             _check_cleanup(sc, obs, a, d, target)
             target.check_usable(a, sc)
+            _record_coverage(run, sc, obs, d)
         except BaseException:
             _cleanup_leftovers(d)  # so that close() cannot hang on what a bug left running
             raise
@@ -556,6 +691,7 @@ def run_scenario(sc: Scenario, target: Target = PROCESS) -> None:
 
 
 _phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
+# Shared with test_model_ray.py: derandomized unless ALLOTER_MODEL_SEED is set.
 _settings = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -566,28 +702,94 @@ _settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# The least each kind of example must occur in the fixed 200 examples (scaled for
+# ALLOTER_MODEL_EXAMPLES): a generator change that stops exercising one of them,
+# or a runner that stops producing it, fails the run instead of passing quietly.
+# About a third of what the fixed run reached in three runs on the 2-core machine
+# (printed by the summary): which outcome a scenario ends with varies with timing,
+# and a new Hypothesis version draws other scenarios.
+MIN_COVERAGE = {
+    # About half of what the fixed 200 examples reach (success 30, beyond the limit
+    # 17, task error 23, crash 6, memory 6, timeouts 21/20, cancels 32/15, before
+    # the call 32, cooperative 25, killed 63, skipped 107): outcomes move a little
+    # with the machine's load, the examples themselves do not.
+    "success": 15,
+    "success beyond the limit": 8,
+    "task error": 10,
+    "crash": 3,
+    "memory limit": 3,
+    "timeout (exec)": 10,
+    "timeout (report)": 8,
+    "context cancel (exec)": 12,
+    "context cancel (report)": 6,
+    "context cancelled before the call": 12,
+    "cooperative task saw cancelled()": 10,
+    "task killed": 25,
+    "queued tasks skipped": 40,
+}
+
+
+@settings(_settings, derandomize=True)
+@given(scenarios())
+def _fixed_examples(sc: Scenario) -> None:
+    run_scenario(sc, PROCESS)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@_settings
-@given(scenarios())
-def test_random_faulty_batches_keep_the_contract(sc: Scenario) -> None:
-    run_scenario(sc)
+def test_random_faulty_batches_keep_the_contract() -> None:
+    """The fixed examples (the same on every run), then what they covered."""
+    _fixed_examples()
+    run = PROCESS.run
+    if EXAMPLES < 100:
+        return  # too few examples for the minimums to mean anything
+    short = {
+        kind: (run.coverage[kind], math.ceil(least * EXAMPLES / 200))
+        for kind, least in MIN_COVERAGE.items()
+        if run.coverage[kind] < math.ceil(least * EXAMPLES / 200)
+    }
+    assert not short, f"the model exercised too little of (count, least): {short}"
 
 
-if SEED is not None:
-    test_random_faulty_batches_keep_the_contract = seed(int(SEED))(
-        test_random_faulty_batches_keep_the_contract
+# A fresh random run beside the fixed one, different on every run (CI included):
+# ALLOTER_MODEL_FRESH_EXAMPLES examples (0 turns it off); its seed is printed, and
+# ALLOTER_MODEL_SEED=<seed> replays it.
+FRESH_EXAMPLES = int(os.environ.get("ALLOTER_MODEL_FRESH_EXAMPLES", "40"))
+FRESH = Target()
+FRESH.name = "process (fresh seed)"
+
+
+@pytest.mark.timeout(600)
+def test_random_faulty_batches_with_a_fresh_seed() -> None:
+    if FRESH_EXAMPLES <= 0:
+        pytest.skip("ALLOTER_MODEL_FRESH_EXAMPLES=0")
+    value = int(SEED) if SEED is not None else random.SystemRandom().randrange(2**32)
+    print(
+        f"\n[model] fresh seed {value}; replay it with "
+        f"ALLOTER_MODEL_SEED={value} pytest tests/test_model.py -k fresh_seed",
+        file=sys.stderr,
     )
+
+    @seed(value)
+    @settings(_settings, max_examples=FRESH_EXAMPLES, derandomize=False)
+    @given(scenarios())
+    def examples(sc: Scenario) -> None:
+        run_scenario(sc, FRESH)
+
+    examples()
 
 
 def print_summary(target: Target) -> None:
     run = target.run
+    coverage = ", ".join(f"{k}: {n}" for k, n in sorted(run.coverage.items()))
     print(
         f"\n[model] {target.name}: examples run: {run.examples}, first failure: "
         f"{run.first_failure}, worst lateness of ExecTimeout/Cancelled: "
         f"{run.worst_late * 1000:.1f} ms\n"
-        f"[model] outcomes {dict(run.outcomes)}; batch sizes {dict(run.sizes)}"
+        f"[model] outcomes {dict(run.outcomes)}; batch sizes {dict(run.sizes)}\n"
+        f"[model] {len(run.options)} distinct option sets; tasks started "
+        f"{run.started} of {run.tasks}\n"
+        f"[model] covered: {coverage}"
     )
 
 
@@ -595,3 +797,5 @@ def print_summary(target: Target) -> None:
 def _summary() -> Any:
     yield
     print_summary(PROCESS)
+    if FRESH.run.examples:
+        print_summary(FRESH)

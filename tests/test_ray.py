@@ -9,6 +9,7 @@ Ray workers import their modules, as they would a user's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -204,6 +206,62 @@ def hog(step: int, most: int) -> int:
     return len(held)
 
 
+def log_lines(n: int, tag: str = "line") -> int:
+    log = logging.getLogger("raytest")
+    log.debug("%s debug", tag)
+    for i in range(n):
+        log.info("%s %d", tag, i)
+    return os.getpid()
+
+
+def log_item(x: int) -> int:
+    logging.getLogger("raytest").warning("item %d", x)
+    return x
+
+
+class RayTestWarning(UserWarning):
+    pass
+
+
+def warn_once() -> int:
+    warnings.warn("from ray", RayTestWarning, stacklevel=1)
+    return 1
+
+
+def write_out(tag: str) -> str:
+    print(f"print {tag}")
+    os.write(2, f"fd2 {tag}\n".encode())
+    subprocess.run(["echo", f"child {tag}"], check=True)
+    return tag
+
+
+def print_then_raise(text: str) -> None:
+    print(text)
+    raise ValueError(text)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def ray_logs() -> Iterator[_Collect]:
+    logger = logging.getLogger("raytest")
+    handler = _Collect()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
 # -- helpers ----------------------------------------------------------------------
 
 
@@ -336,18 +394,24 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
-def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
+def test_dead_worker_is_worker_crashed(
+    ralloter: RayAlloter, tmp_path: Path, crash: Any, delay: float
+) -> None:
+    pidfile = tmp_path / "pid"
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay))
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay, pidfile=str(pidfile)))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
     # The worker's pid, as the task told the board when it started: not waited for,
-    # so a task that dies at once may not have told it.
+    # so a task that dies at once may not have told it. When given, it is the
+    # process the task ran in (pid_gone alone would pass for a pid that never was).
     pid = info.value.pid
     if delay:
-        assert pid is not None and pid != os.getpid()
+        assert pid is not None
     if pid is not None:
+        (ran_in,) = _read_pid(pidfile)
+        assert pid == ran_in, f"WorkerCrashed names process {pid}, the task ran in {ran_in}"
         assert pid_gone(pid, timeout=5.0)
     # Nothing is retried, and the alloter goes on.
     assert ralloter.exec(lambda: 5) == [5]
@@ -726,6 +790,48 @@ def test_an_alloter_dropped_without_close_ends_its_thread(ray_session: Any) -> N
     while threads() > before and time.monotonic() < end:
         time.sleep(0.02)
     assert threads() == before
+
+
+# -- seeing inside a task (contract section 10) ----------------------------------------
+
+
+def test_records_of_ray_tasks_reach_the_callers_handlers(
+    ralloter: RayAlloter, ray_logs: _Collect
+) -> None:
+    pids = ralloter.exec(*[partial(log_lines, 20, f"t{i}") for i in range(3)])
+    for i in range(3):
+        mine = [r for r in ray_logs.records if r.getMessage().startswith(f"t{i} ")]
+        # The caller's level (INFO) applies: no debug record.
+        assert [r.getMessage() for r in mine] == [f"t{i} {k}" for k in range(20)]
+        assert {r.task_index for r in mine} == {i}
+        assert {r.process for r in mine} == {pids[i]} != {os.getpid()}
+    ray_logs.records.clear()
+    assert ralloter.map(log_item, range(30), chunksize=7) == list(range(30))
+    got = sorted((r.task_index, r.getMessage()) for r in ray_logs.records)
+    assert got == [(i, f"item {i}") for i in range(30)]
+    ray_logs.records.clear()
+    ralloter.with_options(relay_logs=False).exec(partial(log_lines, 3))
+    assert ray_logs.records == []
+
+
+def test_warnings_of_ray_tasks_are_shown_under_the_callers_filters(ralloter: RayAlloter) -> None:
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        ralloter.exec(warn_once)
+    assert [(w.category, str(w.message)) for w in shown] == [(RayTestWarning, "from ray")]
+
+
+def test_output_of_ray_tasks_is_captured(ralloter: RayAlloter) -> None:
+    captured = ralloter.with_options(capture_output=True)
+    report = captured.exec_report(partial(write_out, "a"), partial(write_out, "b"))
+    assert [(t.stdout, t.stderr) for t in report.tasks] == [
+        ("print a\nchild a\n", "fd2 a\n"),
+        ("print b\nchild b\n", "fd2 b\n"),
+    ]
+    with pytest.raises(TaskError) as info:
+        captured.exec(partial(print_then_raise, "doomed"))
+    assert (info.value.stdout, info.value.stderr) == ("doomed\n", "")
+    assert ralloter.exec_report(partial(write_out, "c")).tasks[0].stdout is None
 
 
 # -- the awaitable calls (section 8) ------------------------------------------------

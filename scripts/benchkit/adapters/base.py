@@ -4,6 +4,7 @@ Each adapter offers the same operations on one library:
 
   start(w) / stop() / abort()       a warm pool for the "warm" workloads
   submit_each(fn, args) -> list     one submit per task ``fn(x)``, wait for all results
+  submit_each_quiet(fn, args)       the same with the library's log relay off (alloter_mp)
   map(fn, items, chunk) -> list     the library's map at a chunk size
   one(fn, arg)                      one task, wait for its result
   cold(w)                           new pool, 2 no-op tasks, close (joined)
@@ -67,6 +68,9 @@ class Lib:
         self.stop()
 
     def submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def submit_each_quiet(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
         raise NotImplementedError
 
     def map(self, fn: Callable[..., Any], items: list[Any], chunk: Any) -> list[Any]:
