@@ -31,7 +31,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Se
 from typing import Any, Protocol, TypeVar
 
 from . import _mapping, _transport
-from ._batch import Batch, Latch, Slot
+from ._batch import LOGS_WAIT, Batch, Latch, Slot
 from ._context import Context
 from ._errors import Cancelled, SerializationError
 from ._options import check_chunksize, check_errors, check_fn
@@ -213,6 +213,17 @@ def _expire_on_time(batch: Batch) -> asyncio.TimerHandle | None:
     return loop.call_later(max(0.0, batch.deadline - time.monotonic()), batch.expire)
 
 
+async def _logs_handed_over(batch: Batch) -> None:
+    """As ``batch.wait_logs()``, without blocking the loop: once an ended batch's
+    running tasks' records have reached the caller's logging (a short wait, bounded)."""
+    drained = batch.logs_drained
+    if drained is None or batch.end_kind is None:
+        return
+    end = time.monotonic() + LOGS_WAIT
+    while not drained.is_set() and time.monotonic() < end:
+        await asyncio.sleep(0.005)
+
+
 async def _await_batch(batch: Batch, *, settle: bool) -> None:
     """Await the outcome of a launched batch (``settle``: every task's end).
 
@@ -222,6 +233,7 @@ async def _await_batch(batch: Batch, *, settle: bool) -> None:
     timer = _expire_on_time(batch)
     try:
         await _until(batch.settled if settle else batch.decided)
+        await _logs_handed_over(batch)
     except BaseException:
         batch.cancel(Cancelled("the awaiting task was cancelled"))
         await _until_settled(batch)

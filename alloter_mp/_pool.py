@@ -408,6 +408,9 @@ class WorkerPool:
             self._waiting.append(run)
 
     def _forget(self, run: PoolRun) -> None:
+        drained = run.batch.logs_drained
+        if drained is not None:
+            drained.set()  # settled, and no worker holds a task of it: nothing is owed
         run.forgotten = True
         self._runs.pop(run, None)
         self._ending.pop(run, None)
