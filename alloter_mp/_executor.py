@@ -208,7 +208,7 @@ class Future(concurrent.futures.Future[Any]):
 
     def _resolve(self, result: Any) -> None:
         with contextlib.suppress(concurrent.futures.InvalidStateError):
-            self.set_result(result)
+            self.set_result(result)  # (it may have been cancelled, killed, meanwhile)
 
     def _fail(self, error: BaseException) -> None:
         with contextlib.suppress(concurrent.futures.InvalidStateError):
