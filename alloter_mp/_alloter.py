@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _pool
 from ._batch import Batch
@@ -19,6 +19,9 @@ from ._handle import WorkerStats
 from ._options import CallOptions, check_limit, default_limit
 from ._pool import WorkerPool
 from ._poolrun import Quota
+
+if TYPE_CHECKING:
+    from ._executor import ProcessPoolExecutor
 
 __all__ = ["Alloter", "ProcessAlloter", "run"]
 
@@ -134,6 +137,20 @@ class ProcessAlloter(BatchAlloter):
     def stats(self) -> list[WorkerStats]:
         """One :class:`WorkerStats` per live worker of this alloter's pool."""
         return self._pool.stats()
+
+    def executor(self, *, kill_on_cancel: bool = False) -> ProcessPoolExecutor:
+        """A :class:`~alloter_mp.ProcessPoolExecutor` on this alloter's workers.
+
+        Its calls share this alloter's workers and ``limit`` (and its
+        ``task_timeout``, ``cancel_grace``, ``memory_limit`` and retries); its
+        ``shutdown()`` never closes this alloter. ``kill_on_cancel`` as for the
+        executor.
+        """
+        from ._executor import ProcessPoolExecutor
+
+        return ProcessPoolExecutor._over(
+            self._pool, self._quota, self._caller.options, kill_on_cancel=kill_on_cancel
+        )
 
     def with_pool(self, pool: WorkerPool) -> ProcessAlloter:
         """A new alloter with the same options that runs on ``pool`` (never closing it)."""

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import _context, _mapping, _transport
+from ._aio import AsyncCalls
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import Cancelled, ExecTimeout, SerializationError
-from ._options import CallOptions, check_chunksize
+from ._options import CallOptions, check_chunksize, check_errors, check_fn
 from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
@@ -120,11 +121,26 @@ class Caller:
         ``keep_going`` (``errors="return"``): a failed item's :class:`TaskError` in
         its place, the others run on.
         """
+        batch = self.map_batch(fn, items, chunksize, keep_going=keep_going)
+        if batch is None:
+            return []
+        self.run(batch, None, len(items))
+        return list(itertools.chain.from_iterable(batch.results()))
+
+    def map_batch(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        chunksize: int | None,
+        *,
+        keep_going: bool = False,
+    ) -> Batch | None:
+        """The batch of a map over a sequence (``None`` for no items), not launched."""
         started = time.monotonic()
         chunksize = self.chunksize_for(chunksize, keep_going)
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
-            return []
+            return None
         batch = self.prepare(
             chunks,
             None,
@@ -137,8 +153,7 @@ class Caller:
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
-        self.run(batch, None, len(items))
-        return list(itertools.chain.from_iterable(batch.results()))
+        return batch
 
     # -- the steps ---------------------------------------------------------------
 
@@ -289,8 +304,11 @@ class Caller:
             launch.bar = None
 
 
-class BatchAlloter:
+class BatchAlloter(AsyncCalls):
     """The calls of an alloter; a subclass says which runner runs its batches.
+
+    Each call also has an awaitable form (``exec_async``, ``exec_report_async``,
+    ``map_async``, ``imap_async``: see :class:`~alloter_mp._aio.AsyncCalls`).
 
     A subclass sets ``_caller`` (a :class:`Caller` over its runner and options) and
     ``_limit``, and implements :meth:`close`.
@@ -359,10 +377,10 @@ class BatchAlloter:
         gives its :class:`TaskError` in place of its result, and every other item
         still runs; the call's timeout and a cancellation still end everything.
         """
-        keep_going = _check_errors(errors)
+        keep_going = check_errors(errors)
         if not isinstance(iterable, Sized):
             return list(self.imap(fn, iterable, chunksize=chunksize, errors=errors))
-        _check_fn(fn)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         # A sequence is sliced as it is (a range stays a range); anything else is listed.
         source: Any = iterable
@@ -385,8 +403,8 @@ class BatchAlloter:
         early ends the outstanding work; the timeout counts from this call.
         ``errors`` as for :meth:`map`.
         """
-        keep_going = _check_errors(errors)
-        _check_fn(fn)
+        keep_going = check_errors(errors)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         return _mapping.imap(self._caller, fn, iterable, chunksize, ordered, keep_going)
 
@@ -440,20 +458,6 @@ _WORKER_OPTIONS = frozenset(
         "pool",
     }
 )
-
-
-def _check_errors(errors: object) -> bool:
-    """``errors="raise"`` -> ``False``, ``"return"`` -> ``True`` (keep going)."""
-    if errors == "raise":
-        return False
-    if errors == "return":
-        return True
-    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
-
-
-def _check_fn(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
 
 
 def _cancelled_error(ctx: Context) -> Cancelled:

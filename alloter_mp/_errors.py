@@ -16,6 +16,7 @@ __all__ = [
     "AlloterError",
     "Cancelled",
     "ExecTimeout",
+    "InitializerFailed",
     "MemoryLimitExceeded",
     "RemoteError",
     "SerializationError",
@@ -108,6 +109,14 @@ class TaskError(AlloterError):
     @classmethod
     def _restore(cls, state: dict[str, Any]) -> Any:
         return _rebuild(cls, state)
+
+
+class InitializerFailed(TaskError):
+    """The worker's initializer raised, so the task could not run there.
+
+    Not part of the public tree (it is a :class:`TaskError` to its users); it lets
+    an executor tell this failure apart, since it breaks the executor.
+    """
 
 
 class WorkerCrashed(TaskError):

@@ -21,6 +21,8 @@ __all__ = [
     "check_bytes",
     "check_chunksize",
     "check_count",
+    "check_errors",
+    "check_fn",
     "check_limit",
     "check_positive",
     "check_seconds",
@@ -95,6 +97,22 @@ def check_chunksize(value: Any) -> int | None:
     if value <= 0:
         raise ValueError("chunksize must be > 0")
     return value
+
+
+def check_errors(errors: object) -> bool:
+    """A bulk call's ``errors``: ``"raise"`` -> ``False``, ``"return"`` -> ``True``
+    (keep going)."""
+    if errors == "raise":
+        return False
+    if errors == "return":
+        return True
+    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
+
+
+def check_fn(fn: object) -> None:
+    """A bulk call's function must be callable."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
 
 
 @dataclass(frozen=True)

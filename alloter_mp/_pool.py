@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import heapq
 import math
 import multiprocessing
 import multiprocessing.util
@@ -66,11 +67,13 @@ from ._batch import Batch, Slot
 from ._errors import (
     AlloterError,
     Cancelled,
+    InitializerFailed,
     MemoryLimitExceeded,
     TaskError,
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
+from ._messages import MessageReader
 from ._options import check_limit, check_positive, default_limit
 from ._outcome import attach_output, report_item, report_outcome
 from ._poolrun import PoolRun, Quota
@@ -184,17 +187,33 @@ class WorkerPool:
 
         self._lock = threading.Lock()
         self._inbox: deque[PoolRun] = deque()
+        # Runs whose batch has news (its notify was called), from any thread.
+        self._poked: deque[PoolRun] = deque()
         self._closing = False
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # A wake-up byte is in the pipe and the supervisor has not looked yet: more
+        # wake-ups until it does would only cost system calls.
+        self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
 
-        # Owned by the supervisor thread.
+        # Owned by the supervisor thread. Every run it has not let go of (``_runs``)
+        # and, so that no turn of the loop walks them all (thousands of calls may
+        # be waiting at once), the few it must look at: those with tasks to hand
+        # over, in order (``_waiting``), those ending, those with a retry waiting
+        # for its delay, their deadlines (a heap), and those that had news since
+        # the last turn (``_touched``).
         self._workers: list[WorkerHandle] = []
-        self._runs: list[PoolRun] = []
+        self._runs: dict[PoolRun, None] = {}
+        self._waiting: deque[PoolRun] = deque()
+        self._ending: dict[PoolRun, None] = {}
+        self._delayed_runs: dict[PoolRun, None] = {}
+        self._deadlines: list[tuple[float, int, PoolRun]] = []
+        self._touched: set[PoolRun] = set()
+        self._readers: dict[WorkerHandle, MessageReader] = {}
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
         self._selector = selectors.DefaultSelector()
@@ -251,7 +270,14 @@ class WorkerPool:
     def _submit(self, batch: Batch, quota: Quota) -> None:
         if os.getpid() != self._pid:
             raise RuntimeError("a WorkerPool cannot be used from a forked child process")
-        batch.notify = self._wake
+        run = PoolRun(batch, quota)
+        poked, wake = self._poked, self._wake
+
+        def notify() -> None:
+            poked.append(run)
+            wake()
+
+        batch.notify = notify
         if batch.log_snapshot is not None:
             batch.logs_drained = threading.Event()
         with self._lock:
@@ -259,7 +285,7 @@ class WorkerPool:
                 raise AlloterError("the pool is closed")
             if self._broken is not None:
                 raise AlloterError("the pool's supervisor failed") from self._broken
-            self._inbox.append(PoolRun(batch, quota))
+            self._inbox.append(run)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
@@ -268,6 +294,9 @@ class WorkerPool:
         self._wake()
 
     def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
@@ -290,13 +319,14 @@ class WorkerPool:
 
     def _loop(self) -> None:
         stop_deadline: float | None = None
+        due: float | None = 0.0  # the nearest timer: timers are looked at once it is due
         while True:
             now = time.monotonic()
             self._take_inbox()
             if self._closing:
                 if stop_deadline is None:
                     stop_deadline = now + STOP_WAIT
-                    for run in self._runs:
+                    for run in list(self._runs):
                         run.batch.cancel(Cancelled("the pool was closed"))
                 for w in self._workers:
                     if w.idle:
@@ -307,13 +337,15 @@ class WorkerPool:
                     for w in self._workers:
                         if w.kill_reason is None:
                             w.kill(KillReason.CLOSE, now, hard=True)
-            self._check_timers(now)
+            if due is not None and now >= due:
+                self._check_timers(now)
+            self._review_touched()
             self._handle_endings(now)
             if not self._closing:
                 self._dispatch()
-            self._forget_settled()
+            self._review_touched()
 
-            timer = self._next_timer()
+            timer = due = self._next_timer()
             if stop_deadline is not None:
                 timer = stop_deadline if timer is None else min(timer, stop_deadline)
             timeout = None if timer is None else max(0.0, timer - time.monotonic())
@@ -321,8 +353,12 @@ class WorkerPool:
             for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     # Wake-ups only mean "look again": one read empties the pipe.
+                    # Cleared after it: a wake-up whose byte this read took has
+                    # its news looked at by the turn that follows, and one that
+                    # comes later writes again.
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.read(self._wake_r, 65536)
+                    self._wake_pending = False
                     continue
                 w, what = key.data
                 if what == "dead":
@@ -334,23 +370,72 @@ class WorkerPool:
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            self._runs.append(self._inbox.popleft())
+            run = self._inbox.popleft()
+            self._runs[run] = None
+            deadline = run.batch.deadline
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, run.batch.id, run))
+            self._touched.add(run)
+
+    # -- which runs to look at -------------------------------------------------------
+
+    def _review_touched(self) -> None:
+        """Put each run that had news where the loop will look for it."""
+        poked = self._poked
+        touched = self._touched
+        while poked:
+            touched.add(poked.popleft())
+        if not touched:
+            return
+        self._touched = set()
+        for run in touched:
+            self._review(run)
+
+    def _review(self, run: PoolRun) -> None:
+        if run.forgotten:
+            return
+        batch = run.batch
+        if batch.settled.is_set() and not run.holders:
+            self._forget(run)
+            return
+        if batch.ending:
+            self._ending[run] = None
+            return
+        if batch.next_ready_at() is not None:
+            self._delayed_runs[run] = None
+        if not run.waiting and batch.has_queued():
+            run.waiting = True
+            self._waiting.append(run)
+
+    def _forget(self, run: PoolRun) -> None:
+        drained = run.batch.logs_drained
+        if drained is not None:
+            drained.set()  # settled, and no worker holds a task of it: nothing is owed
+        run.forgotten = True
+        self._runs.pop(run, None)
+        self._ending.pop(run, None)
+        self._delayed_runs.pop(run, None)
+        # Its entries in _waiting and _deadlines are passed over when reached.
 
     # -- timers ----------------------------------------------------------------
 
     def _next_timer(self) -> float | None:
         times: list[float] = []
-        for run in self._runs:
-            batch = run.batch
-            if not batch.ending:
-                if batch.deadline is not None:
-                    times.append(batch.deadline)
-                ready = batch.next_ready_at()
-                if ready is not None:
-                    times.append(ready)
-            elif not batch.settled.is_set():
-                grace = batch.grace_deadline
-                if grace is not None and any(w.run is run for w in self._workers):
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].forgotten or deadlines[0][2].batch.ending):
+            heapq.heappop(deadlines)
+        if deadlines:
+            times.append(deadlines[0][0])
+        for run in list(self._delayed_runs):
+            ready = run.batch.next_ready_at()
+            if ready is None:
+                del self._delayed_runs[run]
+            else:
+                times.append(ready)
+        for run in self._ending:
+            if not run.batch.settled.is_set() and run.holders:
+                grace = run.batch.grace_deadline
+                if grace is not None:
                     times.append(grace)
         for w in self._workers:
             if w.kill_deadline is not None:
@@ -365,10 +450,15 @@ class WorkerPool:
         return min(times) if times else None
 
     def _check_timers(self, now: float) -> None:
-        for run in self._runs:
-            batch = run.batch
-            if not batch.ending and batch.deadline is not None and now >= batch.deadline:
-                batch.expire()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            run = heapq.heappop(deadlines)[2]
+            if not run.forgotten:
+                run.batch.expire()  # it notifies: reviewed as ending
+        for run in self._delayed_runs:
+            ready = run.batch.next_ready_at()
+            if ready is not None and ready <= now:
+                self._touched.add(run)  # its retry may be handed over
         for w in self._workers:
             if w.kill_deadline is not None and now >= w.kill_deadline:
                 w.escalate()
@@ -416,12 +506,16 @@ class WorkerPool:
             w.kill(KillReason.MEMORY, now, hard=True)
 
     def _handle_endings(self, now: float) -> None:
-        for run in self._runs:
+        for run in list(self._ending) if self._ending else ():
             batch = run.batch
-            if not batch.ending:
+            drained = batch.logs_drained
+            if not run.holders:
+                if drained is not None:
+                    drained.set()  # no worker holds a task of it: no record is owed
+                if batch.settled.is_set():
+                    self._forget(run)
                 continue
             holders = [w for w in self._workers if w.run is run]
-            drained = batch.logs_drained
             if not run.end_handled:
                 run.end_handled = True
                 for w in holders:
@@ -431,10 +525,10 @@ class WorkerPool:
             if drained is not None and not any(w.sight.owed is not None for w in holders):
                 drained.set()  # the caller may return: they were handed over
             grace = batch.grace_deadline
-            if holders and grace is not None and now >= grace:
+            if grace is not None and now >= grace:
                 for w in holders:
                     if w.kill_reason is None:
-                        w.kill(KillReason.END, now)
+                        w.kill(KillReason.END, now, hard=batch.kill_at_once)
         for w in self._workers:
             w.alone_kill_at = None
             if w.run is not None and w.run.batch.alone and w.kill_reason is None:
@@ -456,6 +550,9 @@ class WorkerPool:
                     words[_words.SKIP_FROM] = seq
                     words[_words.SKIP_TO] = w.seq
                 return
+            if slot.unstarted_only:
+                batch.spare(slot)  # it had started: it runs on
+                continue
             item = slot.ended_item if slot.item_state is not None else 0
             words[_words.CANCEL_TASK] = _words.task_key(seq, item)
             w.alone_kill_at = slot.ended_at + batch.cancel_grace
@@ -463,46 +560,64 @@ class WorkerPool:
                 w.kill(KillReason.TASK, now)
             return
 
-    def _forget_settled(self) -> None:
-        if any(run.batch.settled.is_set() for run in self._runs):
-            self._runs = [
-                run
-                for run in self._runs
-                if not run.batch.settled.is_set() or any(w.run is run for w in self._workers)
-            ]
-
     # -- dispatch ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        for run in self._runs:
+        """Hand queued tasks over: idle (or new) workers first, to the runs in the
+        order they came; only then more tasks ahead to busy workers, each of its own
+        run, so that a task never waits behind another while a worker could run it.
+        """
+        waiting = self._waiting
+        if waiting:
+            self._fill_free_workers(waiting)
+            self._send_ahead()
+        if self._elastic:
+            self._trim_idle()
+
+    def _fill_free_workers(self, waiting: deque[PoolRun]) -> None:
+        idle = [w for w in self._workers if w.idle and w.run is None and w.room != 0]
+        idle.reverse()  # taken from the end, in the workers' order
+        can_spawn = self._can_spawn()
+        kept: list[PoolRun] = []
+        while waiting and (idle or can_spawn):
+            run = waiting.popleft()
             batch = run.batch
-            if batch.ending or not batch.has_queued():
+            if run.forgotten or batch.ending or not batch.has_queued():
+                run.waiting = False
+                if not run.forgotten:
+                    self._touched.add(run)  # a retry waiting, or the end: see _review
                 continue
+            kept.append(run)
             quota = run.quota
             depth = _ahead_depth(run)
-            # Idle (or new) workers first; only then send ahead to busy ones, so a
-            # task never waits behind another while a worker could run it.
-            for w in self._workers:
-                if not batch.has_queued() or quota.full():
-                    break
-                if w.idle and w.run is None and w.room != 0:
-                    self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            while batch.has_queued() and not quota.full() and self._can_spawn():
+            while idle and batch.has_queued() and not quota.full():
+                w = idle.pop()
+                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+            while batch.has_queued() and not quota.full() and can_spawn:
                 try:
                     w = self._spawn()
                 except Exception as exc:  # out of processes or descriptors, say
-                    if not any(x.run is run for x in self._workers):
+                    if not run.holders:
                         batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
+                    can_spawn = False
                     break
                 self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            if depth > 1 and batch.has_queued():
-                for w in self._workers:
-                    if w.run is run and w.kill_reason is None and not w.stopping:
-                        room = depth - len(w.pipeline)
-                        if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
-                            self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
-        if self._elastic:
-            self._trim_idle()
+                can_spawn = self._can_spawn()
+        # Runs still holding tasks keep their place, ahead of those not looked at.
+        waiting.extendleft(reversed(kept))
+
+    def _send_ahead(self) -> None:
+        for w in self._workers:
+            run = w.run
+            if run is None or not run.waiting or w.kill_reason is not None or w.stopping:
+                continue
+            batch = run.batch
+            depth = _ahead_depth(run)
+            if depth <= 1 or batch.ending or not batch.has_queued():
+                continue
+            room = depth - len(w.pipeline)
+            if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
+                self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
 
     def _share(self, batch: Batch) -> int:
         workers = max(1, min(self._size, len(self._workers) or 1))
@@ -527,12 +642,16 @@ class WorkerPool:
         batch = run.batch
         if w.run is None:
             w.run = run
+            run.holders += 1
             run.quota.active += 1
             w.mem_peak = 0
             config = w.sight.config(batch)
             if config is not None:
                 with contextlib.suppress(OSError):  # the TASKS message below finds out
                     w.conn.send_bytes(config)
+        if batch.task_timeout is not None and w.tt_check is None:
+            # Look at its task's time soon: no event may come before its timeout.
+            w.tt_check = time.monotonic()
         blob = None
         if batch.blob is not None and w.blob_id != batch.id:
             blob = batch.blob
@@ -563,6 +682,7 @@ class WorkerPool:
         )
         w.room = self._max_tasks
         self._workers.append(w)
+        self._readers[w] = MessageReader(w.conn.fileno())
         self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
         return w
@@ -574,12 +694,16 @@ class WorkerPool:
     # -- events from workers -----------------------------------------------------
 
     def _read(self, w: WorkerHandle, *, drain: bool = False) -> None:
-        # One message per readiness event: the selector is level-triggered and will
-        # report the pipe again if more is waiting, and polling first would cost
-        # more system calls than the message. A dead worker is drained to the end.
+        # What the pipe holds, in one read per readiness event (see _messages): the
+        # selector is level-triggered and reports the pipe again if more is waiting.
+        # A dead worker is drained to the end.
+        reader = self._readers.get(w)
+        if reader is None:
+            return
         try:
             while w.conn_open:
-                self._on_message(w, pickle.loads(w.conn.recv_bytes()))
+                for message in reader.read():
+                    self._on_message(w, pickle.loads(message))
                 if not drain or not w.conn.poll():
                     break
         except (EOFError, OSError):
@@ -601,6 +725,7 @@ class WorkerPool:
             return
         run = w.run
         assert run is not None and run.batch.id == msg[1], "result for a batch the worker lacks"
+        self._touched.add(run)
         batch = run.batch
         if kind == _worker.ITEM:
             _, _, seq, offset, code, body, start = msg
@@ -636,8 +761,11 @@ class WorkerPool:
                 self._stop(w)  # it ran its max_tasks_per_worker: a fresh one replaces it
 
     def _release_worker(self, w: WorkerHandle) -> None:
-        if w.run is not None:
-            w.run.quota.active -= 1
+        run = w.run
+        if run is not None:
+            run.quota.active -= 1
+            run.holders -= 1
+            self._touched.add(run)  # it may be let go, or have tasks for other workers
         w.run = None
         w.inflight = 0
 
@@ -656,10 +784,12 @@ class WorkerPool:
         # initializer) is replaced only on demand, so a broken setup cannot spin.
         replace = w.init_error is None and bool(w.pipeline or w.kill_reason or w.tasks_done)
         if w.pipeline and w.run is not None:
+            self._touched.add(w.run)
             self._settle_dead(w, w.run.batch, w.proc.exitcode)
         if w.run is not None:
             self._release_worker(w)
         self._workers.remove(w)
+        self._readers.pop(w, None)
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(w.sentinel)
@@ -727,7 +857,7 @@ class WorkerPool:
             error = WorkerCrashed(index, exitcode, w.pid)
         else:
             info = w.init_error
-            error = TaskError(
+            error = InitializerFailed(
                 index,
                 f"the worker's initializer failed: {info.type_name}: {info.message}",
                 info.traceback,

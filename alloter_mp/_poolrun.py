@@ -27,13 +27,25 @@ class Quota:
 class PoolRun:
     """The pool's bookkeeping for one batch it runs."""
 
-    __slots__ = ("avg_wall", "batch", "end_handled", "params", "quota")
+    __slots__ = (
+        "avg_wall",
+        "batch",
+        "end_handled",
+        "forgotten",
+        "holders",
+        "params",
+        "quota",
+        "waiting",
+    )
 
     def __init__(self, batch: Batch, quota: Quota) -> None:
         self.batch = batch
         self.quota = quota
         self.end_handled = False  # the workers holding its tasks were told it ended
         self.avg_wall: float | None = None  # the batch's task times, for sending ahead
+        self.holders = 0  # workers holding tasks of it
+        self.waiting = False  # in the pool's queue of runs with tasks to hand over
+        self.forgotten = False  # settled and let go by the pool
         # What every TASKS message of this batch tells the worker (see _worker).
         self.params = (
             batch.id,

@@ -21,6 +21,7 @@ PUBLIC = {
     "ExecTimeout",
     "MemoryLimitExceeded",
     "ProcessAlloter",
+    "ProcessPoolExecutor",
     "RemoteError",
     "Report",
     "SerializationError",

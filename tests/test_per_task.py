@@ -192,13 +192,14 @@ def test_a_task_told_of_its_timeout_that_returns_in_its_grace_still_timed_out(
 
 def test_a_task_timeout_ends_the_siblings_without_errors_return(tmp_path: Path) -> None:
     d = str(tmp_path)
-    with ProcessAlloter(2, task_timeout=1.0, cancel_grace=0.0) as a:
+    with ProcessAlloter(2, task_timeout=2.0, cancel_grace=0.5) as a:
         a.exec(lambda: 1, lambda: 1)  # warm
-        # The spinner times out at 1.0 s; the sibling starts at 0.6 s, so its own
-        # timeout (1.6 s) is far off when the spinner's ends it.
+        # The spinner times out at 2.0 s and is killed at 2.5 s, which ends the call;
+        # the sibling starts at 1.0 s, so its own timeout (3.0 s) is far off, and it
+        # has the grace to notice that it was cancelled.
         report = a.exec_report(
             _task(spin_and_note, d, "spin"),
-            _task(sleep_and_note, d, "short", 0.6),
+            _task(sleep_and_note, d, "short", 1.0),
             _task(cooperate, d, "sib"),
             _task(sleep_and_note, d, "queued", 0.0),
         )

@@ -832,3 +832,79 @@ def test_output_of_ray_tasks_is_captured(ralloter: RayAlloter) -> None:
         captured.exec(partial(print_then_raise, "doomed"))
     assert (info.value.stdout, info.value.stderr) == ("doomed\n", "")
     assert ralloter.exec_report(partial(write_out, "c")).tasks[0].stdout is None
+
+
+# -- the awaitable calls (section 8) ------------------------------------------------
+
+
+async def _await_pids(path: Path, timeout: float = 30.0) -> list[int]:
+    import asyncio
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return [int(p) for p in path.read_text().split()]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no pid in {path}")
+
+
+def test_async_calls_have_the_plain_outcomes(ralloter: RayAlloter) -> None:
+    import asyncio
+
+    async def numbers(n: int) -> Any:
+        for i in range(n):
+            yield i
+
+    async def main() -> None:
+        assert await ralloter.exec_async(partial(value, 1), partial(square, 3)) == [1, 9]
+        with pytest.raises(TaskError) as info:
+            await ralloter.exec_async(partial(value, 1), partial(fail_on, 2, 2))
+        assert info.value.index == 1
+        report = await ralloter.exec_report_async(partial(square, 4))
+        assert report.tasks[0].status == "ok" and report.tasks[0].result == 16
+        assert await ralloter.map_async(square, range(30)) == [x * x for x in range(30)]
+        assert await ralloter.map_async(square, numbers(10)) == [x * x for x in range(10)]
+        got = [x async for x in ralloter.imap_async(square, numbers(20), chunksize=3)]
+        assert got == [x * x for x in range(20)]
+        many = await asyncio.gather(*[ralloter.exec_async(partial(value, i)) for i in range(200)])
+        assert many == [[i] for i in range(200)]
+
+    asyncio.run(main())
+
+
+def test_async_cancellation_ends_the_ray_task(ralloter: RayAlloter, tmp_path: Path) -> None:
+    import asyncio
+
+    pidfile = tmp_path / "pid"
+
+    async def main() -> float:
+        task = asyncio.ensure_future(ralloter.exec_async(partial(spin_with_child, str(pidfile))))
+        pid, child = await _await_pids(pidfile)
+        started = time.monotonic()
+        task.cancel("stop")
+        with pytest.raises(asyncio.CancelledError) as info:
+            await task
+        assert info.value.args == ("stop",)
+        elapsed = time.monotonic() - started
+        assert pid_gone(pid, timeout=0.5), "the Ray task outlived its await"
+        assert pid_gone(child, timeout=5.0), "the task's child outlived its await"
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 0.3 + BOUND + SLACK, elapsed  # the grace, the bound, the slack
+
+
+def test_async_timeout_on_ray(ray_session: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    pidfile = tmp_path / "pid"
+
+    async def main() -> None:
+        with RayAlloter(2, cancel_grace=0.0) as a:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(a.exec_async(partial(spin, str(pidfile))), 2.0)
+            (pid,) = await _await_pids(pidfile)
+            assert pid_gone(pid, timeout=BOUND + SLACK)
+            assert await a.exec_async(lambda: 5) == [5]
+
+    asyncio.run(main())

@@ -262,5 +262,52 @@ def issue14(run: Run) -> list[str]:
     return out
 
 
+# ---- issue 12
+
+
+def issue12(run: Run) -> list[str]:
+    out, line = _section("Targets (issue 12):")
+    n = f"{run.cfg.n_tasks:,}"
+    ppe = PPE().name
+    ours = _med(run, "xsubmit", "alloter_mp")
+    ref = _med(run, "xsubmit", ppe)
+    r = ours / ref if ours and ref else None
+    line(
+        r >= 2.0 if r else None,
+        f"executor: {n} no-op submits then wait >= 2.0x {ppe}: "
+        + (f"{r:.2f}x ({_rate(ours)} vs {_rate(ref)} calls/s)" if r else "no data"),
+    )
+    ours = _med(run, "xrt", "alloter_mp")
+    ref = _med(run, "xrt", ppe)
+    r = ours / ref if ours and ref else None
+    line(
+        r <= 1.0 if r else None,
+        f"executor: warm round trip <= 1.0x {ppe}'s: "
+        + (f"{r:.2f}x ({ours:.0f} us vs {ref:.0f} us)" if ours and ref else "no data"),
+    )
+    ours = _med(run, "art", "alloter_mp")
+    ref = _med(run, "art", "alloter_mp (plain exec)")
+    r = ours / ref if ours and ref else None
+    line(
+        r <= 1.2 if r else None,
+        "await exec_async(one task) <= 1.2x the plain exec round trip: "
+        + (f"{r:.2f}x ({ours:.0f} us vs {ref:.0f} us)" if ours and ref else "no data"),
+    )
+    cells = run.results.get("acancel", {}).get("alloter_mp", [])
+    ours = _med(run, "acancel", "alloter_mp")
+    gone = all(c.extra.get("gone") for c in cells if c.value is not None)
+    line(
+        (ours <= 100.0 and gone) if ours is not None else None,
+        "cancelling an awaiting task (spinning task, cancel_grace=0): await back and "
+        "process gone within 100 ms: "
+        + (
+            f"{ours:.1f} ms, process {'gone' if gone else 'STILL ALIVE'}"
+            if ours is not None
+            else "no data"
+        ),
+    )
+    return out
+
+
 def render_targets(run: Run) -> list[str]:
-    return [*issue4(run), "", *issue15(run), "", *issue14(run)]
+    return [*issue4(run), "", *issue15(run), "", *issue14(run), "", *issue12(run)]

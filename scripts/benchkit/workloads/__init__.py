@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from . import (
+    acancel,
+    art,
     blas,
     cold,
     cpu,
@@ -17,6 +19,8 @@ from . import (
     rt,
     submit,
     timeout,
+    xrt,
+    xsubmit,
 )
 from .base import Workload
 
@@ -35,6 +39,10 @@ WORKLOADS: list[Workload] = [
     blas.WORKLOAD,
     logs.WORKLOAD,
     logs.RELAY,
+    xsubmit.WORKLOAD,
+    xrt.WORKLOAD,
+    art.WORKLOAD,
+    acancel.WORKLOAD,
 ]
 BY_KEY = {w.key: w for w in WORKLOADS}
 
