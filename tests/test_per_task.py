@@ -311,6 +311,23 @@ def test_a_retry_still_waiting_when_the_call_ends_reports_its_failure(tmp_path: 
     assert isinstance(flaky.error, WorkerCrashed) and flaky.error.exitcode == 7
 
 
+def test_a_retry_handed_over_but_not_started_when_the_call_ends_reports_its_failure(
+    tmp_path: Path,
+) -> None:
+    # The same when the retry was already handed to a worker that had not started
+    # it (here a new worker, still in its 0.6 s initializer) when the call ended.
+    d = str(tmp_path)
+    with ProcessAlloter(2, retries=1, initializer=time.sleep, initargs=(0.6,)) as a:
+        report = a.exec_report(
+            _task(crash_first_times, d, "flaky", 5), _task(raise_after, d, "sib", 0.3)
+        )
+    assert len(runs(tmp_path, "flaky")) == 1
+    flaky, sib = report.tasks
+    assert (sib.status, sib.attempts) == ("error", 1)
+    assert (flaky.status, flaky.attempts) == ("crashed", 1), (flaky.status, flaky.attempts)
+    assert isinstance(flaky.error, WorkerCrashed) and flaky.error.exitcode == 7
+
+
 def test_an_idle_kill_is_not_a_retry_and_attempts_count_runs(tmp_path: Path) -> None:
     d = str(tmp_path)
     with ProcessAlloter(2, retries=0) as a:
