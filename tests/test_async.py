@@ -232,7 +232,10 @@ def test_task_cancel_ends_the_work_before_the_await_returns(
     async def main() -> None:
         pids, error = await _cancelled_call(alloter, tmp_path, cancel)
         assert isinstance(error, asyncio.CancelledError)
-        assert error.args == ("stop it",), "the CancelledError was not the one raised"
+        if sys.version_info >= (3, 11):
+            # 3.10's Task drops the cancel message when the coroutine re-raises
+            # after cleanup (plain asyncio does the same), so only 3.11+ keeps it.
+            assert error.args == ("stop it",), "the CancelledError was not the one raised"
         assert _gone(*pids), "a process of the call outlived its await"
         assert await alloter.exec_async(partial(T.noop, 1)) == [1]
 
