@@ -177,7 +177,13 @@ class Batch:
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
         # All tasks pickled together (slots then carry no payload of their own).
-        self.blob: bytes | None = None
+        self.blob: Any = None
+        # The shared segments of the tasks' big buffers (an alloter_mp._shm.Outbox)
+        # and the size from which results' buffers are shared (None: never).
+        self.outbox: Any = None
+        self.share_threshold = options.share_threshold
+        # Set by the runner once no worker holds those segments (None: none was sent).
+        self.segments_freed: threading.Event | None = None
         self._queued: deque[int] = deque(range(len(payloads)))
         self._delayed: list[tuple[float, int]] = []  # (not_before, index): retries waiting
         self._lock = threading.Lock()

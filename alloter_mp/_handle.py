@@ -64,6 +64,7 @@ class WorkerHandle:
         "run",
         "sentinel",
         "seq",
+        "shm_count",
         "stopping",
         "tasks_done",
         "tree",
@@ -83,7 +84,10 @@ class WorkerHandle:
         self.pipeline: deque[tuple[int, Slot]] = deque()  # (seq, slot), in running order
         self.seq = 0  # the seq of the last task sent
         self.run: PoolRun | None = None  # the call whose tasks it holds
-        self.blob_id = 0  # the batch whose task list this worker already has
+        # The batch whose task list (blob) and shared segments it has (it lets go of
+        # them when sent another batch's tasks), and how many of those segments.
+        self.blob_id = 0
+        self.shm_count = 0
         self.inflight = 0
         self.tasks_done = 0
         # How many more tasks it may be sent (max_tasks_per_worker; None: no end).

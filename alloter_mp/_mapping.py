@@ -103,7 +103,7 @@ class Chunk:
                 )
                 continue
             try:
-                body = _transport.dumps_result(value)
+                body = state.dump_result(value)
             except BaseException as exc:
                 sink(seq, offset, _task.ERR, _task.unpicklable_result(value, exc), start)
             else:
@@ -254,8 +254,10 @@ class _Feeder:
             self.exhausted = True
             self.batch.close_input()
             return False
+        outbox = self.batch.outbox
         try:
-            payload = _transport.dumps(Chunk(self.fn, items))
+            chunk = Chunk(self.fn, items)
+            payload = _transport.dumps(chunk) if outbox is None else outbox.pack(chunk)
         except Exception as exc:
             raise SerializationError(self.next_item + _first_unpicklable(items), str(exc)) from exc
         self.batch.append(payload, base=self.next_item, size=len(items))

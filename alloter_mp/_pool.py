@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _task, _threads, _transport, _words, _worker
+from . import _shm, _task, _threads, _transport, _words, _worker
 from ._batch import Batch, Slot
 from ._errors import (
     AlloterError,
@@ -140,7 +140,7 @@ class Quota:
 class PoolRun:
     """The pool's bookkeeping for one batch it runs."""
 
-    __slots__ = ("avg_wall", "batch", "end_handled", "params", "quota")
+    __slots__ = ("avg_wall", "batch", "end_handled", "params", "quota", "sharers")
 
     def __init__(self, batch: Batch, quota: Quota) -> None:
         self.batch = batch
@@ -155,7 +155,11 @@ class PoolRun:
             batch.fail_fast,
             batch.task_timeout,
             batch.per_item,
+            batch.share_threshold,
         )
+        # Workers that were sent its shared segments and still hold them (then
+        # ``batch.segments_freed`` is set once none does: see _free_segments).
+        self.sharers: set[WorkerHandle] | None = None
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -232,6 +236,8 @@ class WorkerPool:
         # Owned by the supervisor thread.
         self._workers: list[WorkerHandle] = []
         self._runs: list[PoolRun] = []
+        # Settled runs whose workers were told to let go of their shared segments.
+        self._freeing: dict[int, PoolRun] = {}
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
         self._selector = selectors.DefaultSelector()
@@ -321,6 +327,8 @@ class WorkerPool:
             for w in list(self._workers):
                 w.kill_now()
         finally:
+            for run in [*self._runs, *self._inbox, *self._freeing.values()]:
+                _segments_freed(run)
             self._release()
 
     def _loop(self) -> None:
@@ -495,11 +503,63 @@ class WorkerPool:
 
     def _forget_settled(self) -> None:
         if any(run.batch.settled.is_set() for run in self._runs):
-            self._runs = [
-                run
-                for run in self._runs
-                if not run.batch.settled.is_set() or any(w.run is run for w in self._workers)
-            ]
+            keep = []
+            for run in self._runs:
+                if not run.batch.settled.is_set() or any(w.run is run for w in self._workers):
+                    keep.append(run)
+                else:
+                    self._free_segments(run)
+            self._runs = keep
+
+    # -- shared segments ------------------------------------------------------------
+
+    def _segments_for(self, w: WorkerHandle, run: PoolRun) -> list[int]:
+        """The segments of ``run``'s batch that ``w`` lacks (copies: close them)."""
+        outbox = run.batch.outbox
+        if outbox is None or outbox.segment_count <= w.shm_count:
+            return []
+        fds: list[int] = outbox.fds_copy(w.shm_count)
+        if fds:
+            w.shm_count += len(fds)
+            if run.sharers is None:
+                run.sharers = set()
+                run.batch.segments_freed = threading.Event()
+            run.sharers.add(w)
+        return fds
+
+    def _switch_batch(self, w: WorkerHandle, run: PoolRun) -> None:
+        """``w`` is sent tasks of ``run`` after another batch's: it lets go of that
+        batch's task list and segments when it reads them."""
+        for other in [*self._runs, *self._freeing.values()]:
+            if other.sharers is not None and w in other.sharers:
+                self._worker_freed(other, w)
+        w.blob_id = run.batch.id
+        w.shm_count = 0
+
+    def _free_segments(self, run: PoolRun) -> None:
+        """``run`` settled: the workers holding its segments are told to let go."""
+        outbox = run.batch.outbox
+        if outbox is not None:
+            outbox.release()  # the caller did, unless it went away
+        if run.sharers is None:
+            return
+        for w in list(run.sharers):
+            if w.conn_open and w.kill_reason is None and not w.stopping:
+                w.blob_id = 0
+                with contextlib.suppress(OSError):
+                    w.conn.send_bytes(pickle.dumps((_worker.RELEASE, run.batch.id)))
+                    continue
+            run.sharers.discard(w)  # dying or stopping: its segments go with it
+        if run.sharers:
+            self._freeing[run.batch.id] = run
+        else:
+            _segments_freed(run)
+
+    def _worker_freed(self, run: PoolRun, w: WorkerHandle) -> None:
+        assert run.sharers is not None
+        run.sharers.discard(w)
+        if not run.sharers and self._freeing.pop(run.batch.id, None) is not None:
+            _segments_freed(run)
 
     # -- dispatch ----------------------------------------------------------------
 
@@ -560,9 +620,9 @@ class WorkerPool:
             run.quota.active += 1
             w.mem_peak = 0
         blob = None
-        if batch.blob is not None and w.blob_id != batch.id:
+        if w.blob_id != batch.id:
+            self._switch_batch(w, run)
             blob = batch.blob
-            w.blob_id = batch.id
         if w.room is not None:
             w.room -= len(slots)
         items = []
@@ -571,13 +631,21 @@ class WorkerPool:
             items.append((w.seq, s.index, s.payload, batch.prepare_items(s)))
             w.pipeline.append((w.seq, s))
             s.pid = w.pid
-        message = pickle.dumps((_worker.TASKS, run.params, blob, items), _transport.PROTOCOL)
+        msg: tuple[Any, ...] = (_worker.TASKS, run.params, blob, items)
+        fds = self._segments_for(w, run)
+        if fds:
+            msg = (_worker.SHARED, len(fds), msg)
+        message = pickle.dumps(msg, _transport.PROTOCOL)
         w.inflight += len(message)
         try:
             w.conn.send_bytes(message)
+            _shm.send_fds(w.conn, fds)
         except OSError:
             # The worker is dying; its sentinel will settle these slots.
             self._unwatch_conn(w)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _spawn(self) -> WorkerHandle:
         w = WorkerHandle.start(
@@ -605,11 +673,23 @@ class WorkerPool:
         # more system calls than the message. A dead worker is drained to the end.
         try:
             while w.conn_open:
-                self._on_message(w, pickle.loads(w.conn.recv_bytes()))
+                msg = pickle.loads(w.conn.recv_bytes())
+                if msg[0] == _worker.SHARED:
+                    msg = _received(msg, _shm.recv_fds(w.conn, msg[1]))
+                if msg[0] == _worker.RELEASED:
+                    run = self._freeing.get(msg[1])
+                    if run is not None:
+                        self._worker_freed(run, w)
+                else:
+                    self._on_message(w, msg)
                 if not drain or not w.conn.poll():
                     break
-        except (EOFError, OSError):
+        except EOFError:
             self._unwatch_conn(w)  # the sentinel tells the rest
+        except OSError:
+            self._unwatch_conn(w)
+            if not drain:
+                w.kill_now()  # a pipe that broke under a live worker: make it a death
 
     def _unwatch_conn(self, w: WorkerHandle) -> None:
         if w.conn_open:
@@ -673,6 +753,9 @@ class WorkerPool:
         if w.run is not None:
             self._release_worker(w)
         self._workers.remove(w)
+        for run in [*self._runs, *self._freeing.values()]:
+            if run.sharers is not None and w in run.sharers:
+                self._worker_freed(run, w)
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(w.sentinel)
@@ -759,6 +842,35 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 conn.close()
         _live_pools.discard(self)
+
+
+def _received(msg: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
+    """The message inside a SHARED one, each shared body made a :class:`_shm.Received`
+    on its own segments (taken from ``fds`` in order)."""
+    inner: tuple[Any, ...] = msg[2]
+    taken = 0
+
+    def attach(body: tuple[bytes, _shm.Refs, int]) -> _shm.Received:
+        nonlocal taken
+        data, refs, count = body
+        received = _shm.Received(data, refs, fds[taken : taken + count])
+        taken += count
+        return received
+
+    if inner[0] == _worker.RESULTS:
+        rows = inner[2]
+        for i, row in enumerate(rows):
+            if type(row[2]) is tuple:
+                rows[i] = (*row[:2], attach(row[2]), *row[3:])
+    elif inner[0] == _worker.ITEM and type(inner[5]) is tuple:
+        inner = (*inner[:5], attach(inner[5]), *inner[6:])
+    return inner
+
+
+def _segments_freed(run: PoolRun) -> None:
+    freed = run.batch.segments_freed
+    if freed is not None:
+        freed.set()
 
 
 def _find(w: WorkerHandle, seq: int) -> Slot:

@@ -47,6 +47,7 @@ class TaskState:
         "batch_id",
         "call_deadline",
         "deadline",
+        "dump_result",
         "in_task",
         "item_sink",
         "key",
@@ -76,6 +77,8 @@ class TaskState:
         self.item_sink: Callable[[int, int, int, Any, float], None] | None = None
         # How a task run by another engine (Ray) asks whether it was cancelled.
         self.probe: Callable[[], bool] | None = None
+        # How a result is pickled (a pool worker shares big buffers: see _worker).
+        self.dump_result: Callable[[Any], Any] = _transport.dumps_result
 
 
 state = TaskState()
@@ -162,7 +165,7 @@ def execute(
     """Load a task with ``load(*args)``, run it, measure it.
 
     Returns ``(code, body, wall, cpu, peak)``: ``body`` is the pickled result (code
-    :data:`OK`) or an :class:`~alloter_mp._transport.ExceptionInfo` (code
+    :data:`OK`, by ``state.dump_result``) or an :class:`~alloter_mp._transport.ExceptionInfo` (code
     :data:`ERR`). It never raises for what the task does.
     """
     if measure:
@@ -182,7 +185,7 @@ def execute(
         state.in_task = False
         code = OK
         try:
-            body = _transport.dumps_result(result)
+            body = state.dump_result(result)
         except BaseException as exc:
             code = ERR
             body = unpicklable_result(result, exc)

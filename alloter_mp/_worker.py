@@ -13,7 +13,11 @@ A worker:
 * says in its shared words (:mod:`alloter_mp._words`) which task runs and since
   when, so the parent knows which task a crash belongs to and which never started;
 * sends results back in small groups (an error at once), with the wall time, CPU
-  time and, when asked, the peak resident memory of each task.
+  time and, when asked, the peak resident memory of each task;
+* receives the shared segments of its batch's big arguments with the tasks, maps
+  them read-only, and lets go of them when the parent says the batch is over (or
+  when tasks of another batch come); a result's big buffers go back the same way,
+  in segments of their own (:mod:`alloter_mp._shm`).
 
 The worker knows nothing of batches beyond the ids it echoes back.
 """
@@ -22,33 +26,54 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import os
 import pickle
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
-from . import _task, _threads, _transport, _words
+from . import _shm, _task, _threads, _transport, _words
 from ._measure import PeakMeter
 
-__all__ = ["INIT_FAILED", "ITEM", "RESULTS", "SKIPPED", "STOP", "TASKS", "worker_main"]
+__all__ = [
+    "INIT_FAILED",
+    "ITEM",
+    "RELEASE",
+    "RELEASED",
+    "RESULTS",
+    "SHARED",
+    "SKIPPED",
+    "STOP",
+    "TASKS",
+    "worker_main",
+]
 
 # Message kinds, parent -> worker:
 #   (TASKS, params, blob, [(seq, index, payload, offsets), ...])
 # ``params`` are the batch's: (batch_id, deadline, measure, fail_fast, task_timeout,
-# per_item). ``fail_fast``: the first failure ends the batch, so the worker may skip
-# the rest of it at once; ``per_item``: a map chunk reports each item as it ends
-# (``offsets``: which of its items to run, None for all). The blob, when not None,
-# is the whole batch's task list pickled at once; items then carry no payload and
-# the worker takes task ``index`` from it.
+# per_item, share_threshold). ``fail_fast``: the first failure ends the batch, so the
+# worker may skip the rest of it at once; ``per_item``: a map chunk reports each item
+# as it ends (``offsets``: which of its items to run, None for all). The blob, when
+# not None, is the whole batch's task list pickled at once; items then carry no
+# payload and the worker takes task ``index`` from it. A payload (or blob) is bytes,
+# or ``(data, refs)`` when its big buffers lie in the batch's shared segments.
 TASKS = 1
 STOP = 2  # (STOP,)
+RELEASE = 8  # (RELEASE, batch_id): let go of the batch's task list and segments
 # Worker -> parent.
 RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak, start), ...])
 INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
 ITEM = 5  # (ITEM, batch_id, seq, offset, code, body, start): one item of a chunk
+RELEASED = 9  # (RELEASED, batch_id): done, nothing of it is mapped any more
+# Either way: (SHARED, nfds, message). ``nfds`` descriptors (shared segments, sent
+# with _shm.send_fds) follow the message on the pipe, before anything else. From a
+# worker, each result body with big buffers is ``(data, refs, nseg)``: its ``nseg``
+# segments come next in the descriptors, in the order of the bodies.
+SHARED = 7
 
 # Result codes: _task.OK, _task.ERR, and:
 SKIPPED = 2  # never started: its batch had ended
@@ -121,9 +146,9 @@ def worker_main(
 
 
 # The batch's parameters of a TASKS message (see above).
-_Params = tuple[int, float | None, bool, bool, float | None, bool]
+_Params = tuple[int, float | None, bool, bool, float | None, bool, int | None]
 # A task waiting in the worker: (params, seq, index, payload, offsets)
-_Queued = tuple[_Params, int, int, bytes | None, list[int] | None]
+_Queued = tuple[_Params, int, int, Any, list[int] | None]
 
 
 def _serve(conn: Any) -> None:
@@ -131,7 +156,9 @@ def _serve(conn: Any) -> None:
     words = state.words
     assert words is not None
     meter = PeakMeter()
-    blobs = _Blobs()
+    held = _Held()
+    results = _Results()
+    state.dump_result = results.pack
     queue: deque[_Queued] = deque()
     out: list[tuple[Any, ...]] = []
     out_batch = 0
@@ -146,14 +173,24 @@ def _serve(conn: Any) -> None:
     def flush() -> None:
         nonlocal out
         if out:
-            send(dumps((RESULTS, out_batch, out), protocol))
+            if results.made:
+                fds, outboxes = results.share(out, 2)
+                _send_shared(conn, (RESULTS, out_batch, out), fds, outboxes)
+            else:
+                send(dumps((RESULTS, out_batch, out), protocol))
             out = []
 
     def send_item(seq: int, offset: int, code: int, body: Any, start: float) -> None:
         # An item's outcome goes at once: if the worker dies in the next item, the
         # ones before it are not lost. Results held back are older: they go first.
         flush()
-        send(dumps((ITEM, state.batch_id, seq, offset, code, body, start), protocol))
+        if type(body) is tuple:
+            rows = [(body,)]
+            fds, outboxes = results.share(rows, 0)
+            message = (ITEM, state.batch_id, seq, offset, code, rows[0][0], start)
+            _send_shared(conn, message, fds, outboxes)
+        else:
+            send(dumps((ITEM, state.batch_id, seq, offset, code, body, start), protocol))
 
     state.item_sink = send_item
     while True:
@@ -165,14 +202,24 @@ def _serve(conn: Any) -> None:
         while not queue or (len(queue) < 2 and poll()):
             try:
                 msg = pickle.loads(recv())
+                fds = _shm.recv_fds(conn, msg[1]) if msg[0] == SHARED else None
             except (EOFError, OSError):
                 return
-            if msg[0] == STOP:
+            if fds is not None:
+                msg = msg[2]
+                held.use(msg[1][0], None)
+                held.add(fds)
+            kind = msg[0]
+            if kind == STOP:
                 flush()
                 return
+            if kind == RELEASE:
+                flush()
+                held.release(msg[1])
+                send(dumps((RELEASED, msg[1]), protocol))
+                continue
             _, params, blob, items = msg
-            if blob is not None:
-                blobs.set(params[0], blob)
+            held.use(params[0], blob)
             for seq, index, payload, offsets in items:
                 queue.append((params, seq, index, payload, offsets))
         params, seq, index, payload, offsets = queue.popleft()
@@ -189,7 +236,8 @@ def _serve(conn: Any) -> None:
         ):
             out.append((seq, SKIPPED, None, 0.0, 0.0, 0, 0.0))
             continue
-        item = _run_one(words, params, seq, index, payload, offsets, blobs, meter)
+        results.threshold = params[6]
+        item = _run_one(words, params, seq, index, payload, offsets, held, meter)
         out.append(item)
         if not params[3]:
             # Not fail-fast: each task's outcome stands on its own, so none is held
@@ -202,23 +250,105 @@ def _serve(conn: Any) -> None:
             flush()
 
 
-class _Blobs:
-    """The task list of the batch this worker serves, unpickled on first use."""
+class _Held:
+    """What the worker holds of the batch it serves: its task list and shared segments.
+
+    The task list (the blob) is unpickled on first use. Tasks of another batch, or
+    the parent's RELEASE, let go of both: the objects built on the segments go with
+    the task list, and with them the mappings.
+    """
 
     def __init__(self) -> None:
         self.batch_id = 0
-        self.blob: bytes | None = None
+        self.blob: Any = None
         self.tasks: list[Any] | None = None
+        self.inbox: _shm.Inbox | None = None
 
-    def set(self, batch_id: int, blob: bytes) -> None:
-        self.batch_id, self.blob, self.tasks = batch_id, blob, None
+    def use(self, batch_id: int, blob: Any) -> None:
+        if batch_id != self.batch_id:
+            self.release(self.batch_id)
+            self.batch_id = batch_id
+        if blob is not None:
+            self.blob, self.tasks = blob, None
+
+    def add(self, fds: list[int]) -> None:
+        if self.inbox is None:
+            self.inbox = _shm.Inbox()
+        self.inbox.add(fds)
+
+    def load(self, payload: Any) -> Any:
+        """A task from its payload: bytes, or ``(data, refs)`` read on the segments."""
+        if type(payload) is bytes:
+            return pickle.loads(payload)
+        if self.inbox is None:
+            self.inbox = _shm.Inbox()  # none came: loading says which is missing
+        return self.inbox.loads(payload)
 
     def task(self, batch_id: int, index: int) -> Any:
         if batch_id != self.batch_id or self.blob is None:
             raise RuntimeError(f"no task list for batch {batch_id}")  # a bug, said loudly
         if self.tasks is None:
-            self.tasks = pickle.loads(self.blob)
+            self.tasks = self.load(self.blob)
         return self.tasks[index]
+
+    def release(self, batch_id: int) -> None:
+        if batch_id != self.batch_id:
+            return
+        inbox = self.inbox
+        self.blob = self.tasks = self.inbox = None
+        if inbox is None:
+            return
+        mapped = [weakref.ref(view.obj) for view in inbox.views()]
+        inbox.release()
+        del inbox
+        if any(ref() is not None for ref in mapped):
+            gc.collect()  # a reference cycle (a closure's globals) may hold a mapping
+
+
+class _Results:
+    """Results whose big buffers go back through shared memory.
+
+    ``pack`` pickles a result (``threshold``: the batch's ``share_threshold``); one
+    that shares buffers becomes ``(data, refs, outbox)``, and ``send`` sends the
+    message it sits in with the outboxes' descriptors after it.
+    """
+
+    def __init__(self) -> None:
+        self.threshold: int | None = None
+        self.made = 0  # outboxes made since the last send: 0 means nothing to look for
+
+    def pack(self, obj: Any) -> Any:
+        body = _shm.pack_alone(obj, self.threshold)
+        if type(body) is tuple:
+            self.made += 1
+        return body
+
+    def share(self, rows: list[Any], at: int) -> tuple[list[int], list[_shm.Outbox]]:
+        """Ready ``rows`` (each with a body at position ``at``) to be sent: the bodies
+        become ``(data, refs, nseg)``; their descriptors, and the outboxes to release
+        once they are sent."""
+        fds: list[int] = []
+        outboxes = []
+        for i, row in enumerate(rows):
+            body = row[at]
+            if type(body) is tuple:
+                data, refs, outbox = body
+                outbox.seal()  # nobody may change what the parent maps
+                segments = outbox.fds()
+                rows[i] = (*row[:at], (data, refs, len(segments)), *row[at + 1 :])
+                fds.extend(segments)
+                outboxes.append(outbox)
+        self.made = 0
+        return fds, outboxes
+
+
+def _send_shared(conn: Any, message: Any, fds: list[int], outboxes: list[_shm.Outbox]) -> None:
+    try:
+        conn.send_bytes(pickle.dumps((SHARED, len(fds), message), _transport.PROTOCOL))
+        _shm.send_fds(conn, fds)
+    finally:
+        for outbox in outboxes:
+            outbox.release()
 
 
 def _run_one(
@@ -228,10 +358,10 @@ def _run_one(
     index: int,
     payload: bytes | None,
     offsets: list[int] | None,
-    blobs: _Blobs,
+    held: _Held,
     meter: PeakMeter,
 ) -> tuple[Any, ...]:
-    batch_id, deadline, measure, _, task_timeout, per_item = params
+    batch_id, deadline, measure, _, task_timeout, per_item, _ = params
     state = _task.state
     state.batch_id = batch_id
     state.key = _words.task_key(seq)
@@ -249,8 +379,8 @@ def _run_one(
     words[_words.RUNNING] = seq
     words[_words.STARTED] = seq
     if payload is None:
-        outcome = _task.execute(blobs.task, (batch_id, index), measure, meter)
+        outcome = _task.execute(held.task, (batch_id, index), measure, meter)
     else:
-        outcome = _task.execute(pickle.loads, (payload,), measure, meter)
+        outcome = _task.execute(held.load, (payload,), measure, meter)
     words[_words.RUNNING] = 0
     return (seq, *outcome, start)
