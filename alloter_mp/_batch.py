@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
+from ._latch import Latch
 from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
@@ -183,7 +184,7 @@ class Batch:
         self.outbox: Any = None
         self.share_threshold = options.share_threshold
         # Set by the runner once no worker holds those segments (None: none was sent).
-        self.segments_freed: threading.Event | None = None
+        self.segments_freed: Latch | None = None
         self._queued: deque[int] = deque(range(len(payloads)))
         self._delayed: list[tuple[float, int]] = []  # (not_before, index): retries waiting
         self._lock = threading.Lock()
@@ -195,8 +196,8 @@ class Batch:
         self.outcome: BaseException | None = None
         self.end_kind: EndKind | None = None
         self.ended_at = 0.0
-        self.decided = threading.Event()
-        self.settled = threading.Event()
+        self.decided = Latch()
+        self.settled = Latch()
         # Set by whatever runs the tasks: called (from any thread) when the batch ends,
         # has new input, or a task of it was ended alone, so the runner wakes and acts.
         self.notify: Callable[[], None] = _nothing
@@ -755,7 +756,7 @@ def _nothing() -> None:
 MAIN_THREAD_SLICE = 0.05
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
+def wait_interruptibly(event: Latch | threading.Event, timeout: float | None = None) -> bool:
     """``event.wait(timeout)``, in short slices when called from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return event.wait(timeout)

@@ -297,6 +297,8 @@ class Caller:
         try:
             self.runner.submit(batch)
         except BaseException:
+            # Its tasks may have started (a KeyboardInterrupt as the runner took it).
+            batch.cancel(Cancelled("the call could not be submitted"))
             self.finish(launch)
             raise
         return launch

@@ -21,6 +21,7 @@ import psutil
 
 from . import _proctree, _threads, _transport, _words, _worker
 from ._batch import Slot
+from ._channel import channel_pair
 from ._states import KillReason
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class WorkerHandle:
         "init_error",
         "kill_deadline",
         "kill_reason",
+        "lent",
         "mem_peak",
         "pid",
         "pipeline",
@@ -69,6 +71,7 @@ class WorkerHandle:
         "tasks_done",
         "tree",
         "tt_check",
+        "waiter",
         "words",
         "words_array",
     )
@@ -93,6 +96,9 @@ class WorkerHandle:
         # How many more tasks it may be sent (max_tasks_per_worker; None: no end).
         self.room: int | None = None
         self.stopping = False
+        # Lent to a caller, which reads its pipe meanwhile (see WorkerPool._run_directly).
+        self.lent = False
+        self.waiter: Any = None  # its pipe's Channel.waiter(), for the caller it is lent to
         self.kill_reason: KillReason | None = None
         self.kill_deadline: float | None = None
         self.tt_check: float | None = None  # when to look at its task's timeout again
@@ -116,7 +122,7 @@ class WorkerHandle:
 
         ``thread_env``: the native thread-pool variables the worker starts with.
         """
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        parent_conn, child_conn = channel_pair(ctx)
         words = _words.new_words(ctx)
         proc = ctx.Process(
             target=_worker.worker_main,

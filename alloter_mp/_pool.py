@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import math
 import multiprocessing
 import multiprocessing.util
@@ -71,6 +72,7 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
+from ._latch import Latch
 from ._options import check_limit, check_positive, default_limit
 from ._outcome import report_item, report_outcome
 from ._states import KillReason, TaskStatus
@@ -118,6 +120,9 @@ AHEAD_SECONDS = 0.005
 AHEAD_MOST = 256
 # How long close() waits for workers to stop by themselves before killing them.
 STOP_WAIT = 2.0
+# How long a caller reads a worker lent to it before giving it back to the
+# supervisor (Ctrl-C waits that long at most meanwhile).
+LEND_MOST = 0.02
 
 
 class Quota:
@@ -223,7 +228,11 @@ class WorkerPool:
         self._elastic = False
         self._pid = os.getpid()
 
-        self._lock = threading.Lock()
+        # Guards the supervisor's state below: the supervisor holds it but while it
+        # waits, a caller while it hands out tasks itself. Reentrant: a callback run
+        # by the supervisor (a future's) may submit.
+        self._lock = threading.RLock()
+        self._lends = 0  # workers lent to callers so far (see _run_directly)
         self._inbox: deque[PoolRun] = deque()
         self._closing = False
         self._broken: BaseException | None = None
@@ -295,18 +304,122 @@ class WorkerPool:
         if os.getpid() != self._pid:
             raise RuntimeError("a WorkerPool cannot be used from a forked child process")
         batch.notify = self._wake
+        run = PoolRun(batch, quota)
+        with _sigint_deferred():
+            if self._run_directly(run):
+                return
         with self._lock:
             if self._closing:
                 raise AlloterError("the pool is closed")
             if self._broken is not None:
                 raise AlloterError("the pool's supervisor failed") from self._broken
-            self._inbox.append(PoolRun(batch, quota))
+            self._inbox.append(run)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
                 )
                 self._thread.start()
         self._wake()
+
+    # -- the caller's own dispatch ------------------------------------------------
+
+    def _run_directly(self, run: PoolRun) -> bool:
+        """Hand a new batch's first tasks to idle workers from the caller's thread.
+
+        That spares the round trip through the supervisor's wake-up pipe. A batch of
+        one task goes further: its worker is lent to the caller (its pipe and
+        sentinel leave the supervisor's selector), which reads the reply itself for
+        up to ``LEND_MOST`` seconds, then gives the worker back (see :meth:`_lend`).
+        Nothing else changes: the run is the supervisor's like any other (its timers,
+        endings and deaths), the worker's ``pipeline`` says which tasks it holds.
+        ``False`` when the supervisor must take the batch (no idle worker, work
+        already waiting, the pool starting or closing).
+        """
+        batch = run.batch
+        with self._lock:
+            if (
+                self._thread is None
+                or self._closing
+                or self._broken is not None
+                or self._inbox
+                or threading.current_thread() is self._thread
+                or batch.decided.is_set()
+            ):
+                return False
+            idle = [
+                w for w in self._workers if w.idle and w.run is None and w.room != 0 and w.conn_open
+            ]
+            if not idle or any(r.batch.has_queued() for r in self._runs):
+                return False
+            self._runs.append(run)
+            # Lent before the task goes: its reply must not wake the supervisor.
+            lent = idle[0] if _lendable(batch) and not run.quota.full() else None
+            if lent is not None:
+                self._lend(lent)
+            depth = _ahead_depth(run)
+            for w in idle:
+                if not batch.has_queued() or run.quota.full():
+                    break
+                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+            if lent is not None and lent.run is not run:
+                self._give_back(lent, run)  # nothing was sent to it after all
+                lent = None
+            # The supervisor must look: at tasks still queued (it may start workers), at
+            # the timers of running ones (memory samples, task timeouts).
+            look = (
+                batch.has_queued()
+                or batch.memory_limit is not None
+                or batch.task_timeout is not None
+            )
+        if look:
+            self._wake()
+        if lent is not None:
+            self._wait_lent(lent, run)
+        return True
+
+    def _lend(self, w: WorkerHandle) -> None:
+        """The caller reads ``w``'s pipe for a while (the supervisor still watches its
+        sentinel: a death is its to settle, under the lock, as ever)."""
+        self._lends += 1
+        w.lent = True
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(w.conn.fileno())
+
+    def _wait_lent(self, w: WorkerHandle, run: PoolRun) -> None:
+        """Read what the lent worker sends until the batch is decided, the worker
+        dies, or ``LEND_MOST`` passes; then give it back to the supervisor."""
+        batch = run.batch
+        end = time.monotonic() + LEND_MOST
+        if batch.deadline is not None:
+            end = min(end, batch.deadline)
+        if w.waiter is None:
+            w.waiter = w.conn.waiter()  # the caller lending it is its only user
+        poll = w.waiter
+        try:
+            while not batch.decided.is_set():
+                left = end - time.monotonic()
+                if left <= 0 or not poll(left):
+                    break  # taking long: the supervisor reads it from here on
+                with self._lock:
+                    if not w.conn_open:
+                        break  # it died meanwhile and the supervisor settled it
+                    self._read(w)
+        finally:
+            with self._lock:
+                self._give_back(w, run)
+
+    def _give_back(self, w: WorkerHandle, run: PoolRun) -> None:
+        w.lent = False
+        if w.conn_open:
+            # Level-triggered: what waits on the pipe wakes the supervisor now.
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
+        if run.batch.settled.is_set() and w.run is not run:
+            if run in self._runs:
+                self._runs.remove(run)
+                self._free_segments(run)
+        else:
+            self._wake()  # its timers, endings and queue are the supervisor's again
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -318,61 +431,74 @@ class WorkerPool:
         try:
             self._loop()
         except BaseException as exc:  # never leave a caller waiting on a dead loop
-            self._broken = exc
-            traceback.print_exc(file=sys.stderr)
-            error = AlloterError(f"the pool's supervisor failed: {exc!r}")
-            for run in [*self._runs, *self._inbox]:
-                run.batch.fail(error)
-                run.batch.abandon()  # nobody will report on its tasks any more
-            for w in list(self._workers):
-                w.kill_now()
+            with self._lock:
+                self._broken = exc
+                traceback.print_exc(file=sys.stderr)
+                error = AlloterError(f"the pool's supervisor failed: {exc!r}")
+                for run in [*self._runs, *self._inbox]:
+                    run.batch.fail(error)
+                    run.batch.abandon()  # nobody will report on its tasks any more
+                for w in list(self._workers):
+                    w.kill_now()
         finally:
-            for run in [*self._runs, *self._inbox, *self._freeing.values()]:
-                _segments_freed(run)
-            self._release()
+            with self._lock:
+                for run in [*self._runs, *self._inbox, *self._freeing.values()]:
+                    _segments_freed(run)
+                self._release()
 
     def _loop(self) -> None:
+        # Everything but the wait runs under the pool's lock: a caller may hand tasks
+        # to idle workers itself (see _run_directly).
         stop_deadline: float | None = None
         while True:
-            now = time.monotonic()
-            self._take_inbox()
-            if self._closing:
-                if stop_deadline is None:
-                    stop_deadline = now + STOP_WAIT
-                    for run in self._runs:
-                        run.batch.cancel(Cancelled("the pool was closed"))
-                for w in self._workers:
-                    if w.idle:
-                        self._stop(w)  # also those that became idle since
-                if not self._workers:
-                    return
-                if now >= stop_deadline:
+            with self._lock:
+                now = time.monotonic()
+                self._take_inbox()
+                if self._closing:
+                    if stop_deadline is None:
+                        stop_deadline = now + STOP_WAIT
+                        for run in self._runs:
+                            run.batch.cancel(Cancelled("the pool was closed"))
                     for w in self._workers:
-                        if w.kill_reason is None:
-                            w.kill(KillReason.CLOSE, now, hard=True)
-            self._check_timers(now)
-            self._handle_endings(now)
-            if not self._closing:
-                self._dispatch()
-            self._forget_settled()
+                        if w.idle:
+                            self._stop(w)  # also those that became idle since
+                    if not self._workers:
+                        return
+                    if now >= stop_deadline:
+                        for w in self._workers:
+                            if w.kill_reason is None:
+                                w.kill(KillReason.CLOSE, now, hard=True)
+                self._check_timers(now)
+                self._handle_endings(now)
+                if not self._closing:
+                    self._dispatch()
+                self._forget_settled()
 
-            timer = self._next_timer()
-            if stop_deadline is not None:
-                timer = stop_deadline if timer is None else min(timer, stop_deadline)
-            timeout = None if timer is None else max(0.0, timer - time.monotonic())
-            deaths = []
-            for key, _ in self._selector.select(timeout):
-                if key.data is None:
-                    # Wake-ups only mean "look again": one read empties the pipe.
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        os.read(self._wake_r, 65536)
-                    continue
-                w, what = key.data
-                if what == "dead":
-                    deaths.append(w)
-                elif w.conn_open:
-                    self._read(w)
-            for w in deaths:
+                timer = self._next_timer()
+                if stop_deadline is not None:
+                    timer = stop_deadline if timer is None else min(timer, stop_deadline)
+                timeout = None if timer is None else max(0.0, timer - time.monotonic())
+                lends = self._lends
+            events = self._selector.select(timeout)
+            with self._lock:
+                self._handle_events(events, lends != self._lends)
+
+    def _handle_events(self, events: list[tuple[Any, int]], lent_since: bool) -> None:
+        deaths = []
+        for key, _ in events:
+            if key.data is None:
+                # Wake-ups only mean "look again": one read empties the pipe.
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 65536)
+                continue
+            w, what = key.data
+            if what == "dead":
+                deaths.append(w)
+            elif w.conn_open and not w.lent and (not lent_since or w.conn.poll()):
+                # A worker lent and given back since the wait may have been read dry.
+                self._read(w)
+        for w in deaths:
+            if w in self._workers:
                 self._on_death(w)
 
     def _take_inbox(self) -> None:
@@ -523,7 +649,7 @@ class WorkerPool:
             w.shm_count += len(fds)
             if run.sharers is None:
                 run.sharers = set()
-                run.batch.segments_freed = threading.Event()
+                run.batch.segments_freed = Latch()
             run.sharers.add(w)
         return fds
 
@@ -587,7 +713,7 @@ class WorkerPool:
                 self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
             if depth > 1 and batch.has_queued():
                 for w in self._workers:
-                    if w.run is run and w.kill_reason is None and not w.stopping:
+                    if w.run is run and w.kill_reason is None and not w.stopping and not w.lent:
                         room = depth - len(w.pipeline)
                         if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
                             self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
@@ -639,7 +765,7 @@ class WorkerPool:
         w.inflight += len(message)
         try:
             w.conn.send_bytes(message)
-            _shm.send_fds(w.conn, fds)
+            _shm.send_fds(w.conn.fd_conn, fds)
         except OSError:
             # The worker is dying; its sentinel will settle these slots.
             self._unwatch_conn(w)
@@ -675,7 +801,7 @@ class WorkerPool:
             while w.conn_open:
                 msg = pickle.loads(w.conn.recv_bytes())
                 if msg[0] == _worker.SHARED:
-                    msg = _received(msg, _shm.recv_fds(w.conn, msg[1]))
+                    msg = _received(msg, _shm.recv_fds(w.conn.fd_conn, msg[1]))
                 if msg[0] == _worker.RELEASED:
                     run = self._freeing.get(msg[1])
                     if run is not None:
@@ -865,6 +991,57 @@ def _received(msg: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
     elif inner[0] == _worker.ITEM and type(inner[5]) is tuple:
         inner = (*inner[:5], attach(inner[5]), *inner[6:])
     return inner
+
+
+# The signal module's own functions convert to and from enums, which costs more
+# than the rest of a round trip; the C module's do not.
+_signal: Any = importlib.import_module("_signal")
+
+
+def _lendable(batch: Batch) -> bool:
+    """Whether the caller may read the reply to ``batch`` itself: a lone task, with
+    nothing the supervisor must time (task timeout, memory samples)."""
+    return (
+        len(batch.slots) == 1
+        and not batch.per_item
+        and batch.task_timeout is None
+        and batch.memory_limit is None
+    )
+
+
+class _sigint_deferred:
+    """Hold SIGINT back in the main thread while the caller changes the pool's state.
+
+    A ``KeyboardInterrupt`` between taking a task and sending it (or in the middle
+    of reading a message) would lose the task. The handler is swapped for one that
+    remembers the signal, and the original one is called once the state is whole
+    again (raising ``KeyboardInterrupt`` then, as it would have).
+    """
+
+    __slots__ = ("handler", "pending")
+
+    def __init__(self) -> None:
+        self.handler: Any = None
+        self.pending: tuple[int, Any] | None = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = _signal.getsignal(_signal.SIGINT)
+        if callable(handler):
+            self.handler = handler
+            _signal.signal(_signal.SIGINT, self._hold)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = (signum, frame)
+
+    def __exit__(self, *exc_info: object) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        _signal.signal(_signal.SIGINT, handler)
+        if self.pending is not None:
+            handler(*self.pending)
 
 
 def _segments_freed(run: PoolRun) -> None:

@@ -165,13 +165,14 @@ def execute(
     """Load a task with ``load(*args)``, run it, measure it.
 
     Returns ``(code, body, wall, cpu, peak)``: ``body`` is the pickled result (code
-    :data:`OK`, by ``state.dump_result``) or an :class:`~alloter_mp._transport.ExceptionInfo` (code
-    :data:`ERR`). It never raises for what the task does.
+    :data:`OK`, by ``state.dump_result``) or an
+    :class:`~alloter_mp._transport.ExceptionInfo` (code :data:`ERR`); ``cpu`` and
+    ``peak`` only with ``measure`` (else 0). It never raises for what the task does.
     """
     if measure:
         meter.start()
+        cpu0 = time.process_time()  # a system call: only for reports
     wall0 = time.perf_counter()
-    cpu0 = time.process_time()
     state.in_task = True
     try:
         task = load(*args)
@@ -191,9 +192,9 @@ def execute(
             body = unpicklable_result(result, exc)
         del result
     wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    peak = meter.peak() if measure else 0
-    return (code, body, wall, cpu, peak)
+    if measure:
+        return (code, body, wall, time.process_time() - cpu0, meter.peak())
+    return (code, body, wall, 0.0, 0)
 
 
 def unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:

@@ -115,7 +115,7 @@ def _become_group_leader() -> None:
 
 
 def worker_main(
-    conn: Any,
+    conn: Any,  # the worker's end of its alloter_mp._channel.Channel
     words: Any,
     lifeline: Any,
     lifeline_w: Any,
@@ -165,7 +165,7 @@ def _serve(conn: Any) -> None:
     out_since = 0.0
     recv = conn.recv_bytes
     send = conn.send_bytes
-    poll = conn.poll
+    poll = conn.waiter()
     dumps = pickle.dumps
     protocol = _transport.PROTOCOL
     cancel_batch, skip_from, skip_to = _words.CANCEL_BATCH, _words.SKIP_FROM, _words.SKIP_TO
@@ -202,7 +202,7 @@ def _serve(conn: Any) -> None:
         while not queue or (len(queue) < 2 and poll()):
             try:
                 msg = pickle.loads(recv())
-                fds = _shm.recv_fds(conn, msg[1]) if msg[0] == SHARED else None
+                fds = _shm.recv_fds(conn.fd_conn, msg[1]) if msg[0] == SHARED else None
             except (EOFError, OSError):
                 return
             if fds is not None:
@@ -316,9 +316,39 @@ class _Results:
     def __init__(self) -> None:
         self.threshold: int | None = None
         self.made = 0  # outboxes made since the last send: 0 means nothing to look for
+        self._found: list[pickle.PickleBuffer] = []
+
+    def _take(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            size = buffer.raw().nbytes
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if size == 0 or size < (self.threshold or 0):
+            return True
+        self._found.append(buffer)
+        return False
 
     def pack(self, obj: Any) -> Any:
-        body = _shm.pack_alone(obj, self.threshold)
+        threshold = self.threshold
+        if threshold is None:
+            return _transport.dumps_result(obj)
+        found = self._found
+        try:
+            # Plain pickle, as _transport.dumps_result, with the big buffers left out.
+            data = pickle.dumps(obj, _transport.PROTOCOL, buffer_callback=self._take)
+        except Exception:
+            found.clear()
+            body = _shm.pack_alone(obj, threshold)  # cloudpickle's turn
+        else:
+            if not found:
+                return data
+            outbox = _shm.Outbox(threshold)
+            refs = outbox.place(found)
+            found.clear()
+            if refs is None:
+                outbox.release()
+                return _transport.dumps_result(obj)
+            body = (data, refs, outbox)
         if type(body) is tuple:
             self.made += 1
         return body
@@ -345,7 +375,7 @@ class _Results:
 def _send_shared(conn: Any, message: Any, fds: list[int], outboxes: list[_shm.Outbox]) -> None:
     try:
         conn.send_bytes(pickle.dumps((SHARED, len(fds), message), _transport.PROTOCOL))
-        _shm.send_fds(conn, fds)
+        _shm.send_fds(conn.fd_conn, fds)
     finally:
         for outbox in outboxes:
             outbox.release()
