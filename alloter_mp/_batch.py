@@ -177,7 +177,8 @@ class Batch:
         # A worker may skip the rest of the batch at its first failure.
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
-        # All tasks pickled together (slots then carry no payload of their own).
+        # All tasks pickled together (slots then carry no payload of their own); or,
+        # for a map on the pool, its function (each slot's payload: its items).
         self.blob: Any = None
         # The shared segments of the tasks' big buffers (an alloter_mp._shm.Outbox)
         # and the size from which results' buffers are shared (None: never).

@@ -144,14 +144,17 @@ class Caller:
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
             return []
-        batch = self.prepare(
-            chunks,
-            None,
-            started=started,
-            locate=_mapping.first_unpicklable_item,
-            keep_going=keep_going,
-            chunked=True,
-        )
+        if self.shares:
+            batch = self.prepare_map(fn, chunks, started=started, keep_going=keep_going)
+        else:
+            batch = self.prepare(
+                chunks,
+                None,
+                started=started,
+                locate=_mapping.first_unpicklable_item,
+                keep_going=keep_going,
+                chunked=True,
+            )
         batch.even = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
@@ -186,6 +189,29 @@ class Caller:
                 keep_going=keep_going,
                 chunked=chunked,
                 outbox=outbox,
+            )
+        except BaseException:
+            if outbox is not None:
+                outbox.release()
+            raise
+        batch.blob = blob
+        return batch
+
+    def prepare_map(
+        self,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[_mapping.Chunk],
+        *,
+        started: float,
+        keep_going: bool,
+    ) -> Batch:
+        """A map's batch for the pool: ``fn`` pickled once as the blob, each chunk's
+        payload only its items (see :func:`_mapping.split_map`)."""
+        outbox = self.outbox()
+        try:
+            blob, payloads = _mapping.split_map(fn, chunks, outbox)
+            batch = self.new_batch(
+                payloads, None, started=started, keep_going=keep_going, chunked=True, outbox=outbox
             )
         except BaseException:
             if outbox is not None:

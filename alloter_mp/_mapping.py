@@ -60,16 +60,20 @@ class Chunk:
         out: list[Any] = []
         append = out.append
         offset = 0
+        count = len(items)
+        each = iter(items)
         try:
             # Each item's offset goes to shared memory, so that a crash names the
             # item; cancellation is looked at once per block, which keeps the loop
             # close to a plain map for tiny items.
-            for start in range(0, len(items), _BLOCK):
+            for start in range(0, count, _BLOCK):
                 if words[cancel] == batch_id:
                     raise Cancelled("the call was cancelled")
-                for offset in range(start, min(start + _BLOCK, len(items))):
+                # The block's offsets first: zip stops there, before taking an item.
+                block = range(start, min(start + _BLOCK, count))
+                for offset, value in zip(block, each, strict=False):
                     words[item] = offset
-                    append(fn(items[offset]))
+                    append(fn(value))
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 setattr(exc, _transport.OFFSET_ATTR, offset)
@@ -139,6 +143,38 @@ def chunk_list(
     return [Chunk(fn, items[i : i + size], i) for i in range(0, len(items), size)]
 
 
+def split_map(
+    fn: Callable[[Any], Any], chunks: Sequence[Chunk], outbox: Any = None
+) -> tuple[Any, list[Any]]:
+    """A map as the pool sends it: ``fn`` pickled once (the batch's blob), and each
+    chunk's items alone (its payload). A worker that holds both builds the chunk
+    (see ``alloter_mp._worker``), so a closure is pickled once per call, not once per
+    chunk, and a worker unpickles only the items it runs. ``outbox``: where big
+    buffers go (an ``alloter_mp._shm.Outbox``)."""
+    dumps = _dumper(outbox)
+    blob = pickle_function(fn, outbox, chunks[0].start)
+    payloads = []
+    for chunk in chunks:
+        try:
+            payloads.append(dumps(chunk.items))
+        except Exception as exc:
+            index = first_unpicklable_item(chunk, 0)
+            raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
+    return blob, payloads
+
+
+def pickle_function(fn: Callable[[Any], Any], outbox: Any = None, index: int = 0) -> Any:
+    """A map's function pickled (:class:`SerializationError` naming ``index`` if not)."""
+    try:
+        return _dumper(outbox)(fn)
+    except Exception as exc:
+        raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _dumper(outbox: Any) -> Callable[[Any], Any]:
+    return _transport.dumps if outbox is None else outbox.pack
+
+
 def first_unpicklable_item(chunk: Chunk, position: int) -> int:
     """The position in the whole input of the item that makes ``chunk`` unpicklable."""
     return chunk.start + _first_unpicklable(list(chunk.items))
@@ -196,6 +232,9 @@ class _Feeder:
         batch = self.batch
         launch: Launch | None = None
         try:
+            if self.caller.shares:
+                # As for map: the function once (the blob), then each chunk's items.
+                batch.blob = pickle_function(self.fn, batch.outbox)
             launch = self.caller.launch(batch, None, self.total)
             batch.on_slot_done = self._slot_done_with(launch.bar)
             batch.on_decided = lambda: self.done.put(None)
@@ -204,6 +243,8 @@ class _Feeder:
             batch.cancel(Cancelled("the iterator was closed before the end"))
             if launch is not None:
                 self.caller.finish(launch)
+            elif batch.outbox is not None:
+                batch.outbox.release()
 
     def _slot_done_with(self, bar: Any) -> Callable[[Slot], None]:
         put = self.done.put
@@ -255,9 +296,10 @@ class _Feeder:
             self.batch.close_input()
             return False
         outbox = self.batch.outbox
+        # With a blob (the function, sent once per worker), a payload is the items alone.
+        task: Any = items if self.batch.blob is not None else Chunk(self.fn, items)
         try:
-            chunk = Chunk(self.fn, items)
-            payload = _transport.dumps(chunk) if outbox is None else outbox.pack(chunk)
+            payload = _dumper(outbox)(task)
         except Exception as exc:
             raise SerializationError(self.next_item + _first_unpicklable(items), str(exc)) from exc
         self.batch.append(payload, base=self.next_item, size=len(items))

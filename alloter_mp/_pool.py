@@ -674,8 +674,7 @@ class WorkerPool:
                 w.blob_id = 0
                 with contextlib.suppress(OSError):
                     w.conn.send_bytes(pickle.dumps((_worker.RELEASE, run.batch.id)))
-                    continue
-            run.sharers.discard(w)  # dying or stopping: its segments go with it
+            # Otherwise it is on its way out: its segments go when it is gone.
         if run.sharers:
             self._freeing[run.batch.id] = run
         else:

@@ -36,7 +36,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from . import _shm, _task, _threads, _transport, _words
+from . import _mapping, _shm, _task, _threads, _transport, _words
 from ._measure import PeakMeter
 
 __all__ = [
@@ -222,6 +222,10 @@ def _serve(conn: Any) -> None:
             held.use(params[0], blob)
             for seq, index, payload, offsets in items:
                 queue.append((params, seq, index, payload, offsets))
+        if out and len(queue) == 1:
+            # The last task this worker has, and nothing more in the pipe: what is held
+            # back goes now, so that the parent can send more while this one runs.
+            flush()
         params, seq, index, payload, offsets = queue.popleft()
         batch_id = params[0]
         if out and (batch_id != out_batch):
@@ -261,7 +265,7 @@ class _Held:
     def __init__(self) -> None:
         self.batch_id = 0
         self.blob: Any = None
-        self.tasks: list[Any] | None = None
+        self.tasks: Any = None  # the blob unpickled: a task list, or a map's function
         self.inbox: _shm.Inbox | None = None
 
     def use(self, batch_id: int, blob: Any) -> None:
@@ -277,7 +281,19 @@ class _Held:
         self.inbox.add(fds)
 
     def load(self, payload: Any) -> Any:
-        """A task from its payload: bytes, or ``(data, refs)`` read on the segments."""
+        """A task from its payload (bytes, or ``(data, refs)`` read on the segments).
+
+        A batch with both a blob and payloads is a map: the blob is its function, a
+        payload a chunk's items (see ``_mapping.split_map``).
+        """
+        loaded = self._loads(payload)
+        if self.blob is None:
+            return loaded
+        if self.tasks is None:
+            self.tasks = self._loads(self.blob)
+        return _mapping.Chunk(self.tasks, loaded)
+
+    def _loads(self, payload: Any) -> Any:
         if type(payload) is bytes:
             return pickle.loads(payload)
         if self.inbox is None:
@@ -288,7 +304,7 @@ class _Held:
         if batch_id != self.batch_id or self.blob is None:
             raise RuntimeError(f"no task list for batch {batch_id}")  # a bug, said loudly
         if self.tasks is None:
-            self.tasks = self.load(self.blob)
+            self.tasks = self._loads(self.blob)
         return self.tasks[index]
 
     def release(self, batch_id: int) -> None:
