@@ -96,7 +96,7 @@ class WorkerHandle:
         # How many more tasks it may be sent (max_tasks_per_worker; None: no end).
         self.room: int | None = None
         self.stopping = False
-        # Lent to a caller, which reads its pipe meanwhile (see WorkerPool._run_directly).
+        # Lent to a caller, which reads its pipe meanwhile (see WorkerPool._direct_ok).
         self.lent = False
         self.waiter: Any = None  # its pipe's Channel.waiter(), for the caller it is lent to
         self.kill_reason: KillReason | None = None
@@ -176,6 +176,12 @@ class WorkerHandle:
         """It ignored SIGTERM (or is slow to die): no more asking."""
         self.kill_deadline = None
         self.kill_now()
+
+    def kill_remains(self) -> None:
+        """The worker is dead: SIGKILL its group and the descendants found while it
+        lived. (Looking for more is no use: a dead process's children belong to
+        another parent, and the search costs milliseconds.)"""
+        _proctree.signal_tree(self.pid, _proctree.SIGKILL, self.tree)
 
     def kill_now(self) -> None:
         """SIGKILL to the worker, its group, and every descendant known or found now."""

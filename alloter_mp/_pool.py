@@ -232,7 +232,7 @@ class WorkerPool:
         # waits, a caller while it hands out tasks itself. Reentrant: a callback run
         # by the supervisor (a future's) may submit.
         self._lock = threading.RLock()
-        self._lends = 0  # workers lent to callers so far (see _run_directly)
+        self._lends = 0  # workers lent to callers so far (see _direct_ok)
         self._inbox: deque[PoolRun] = deque()
         self._closing = False
         self._broken: BaseException | None = None
@@ -286,7 +286,13 @@ class WorkerPool:
             if thread is None:
                 self._release()
         if wait and thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            # A first call may have made the thread and not started it yet (it starts
+            # it right after handing out its tasks): join() refuses a thread not started.
+            end = None if timeout is None else time.monotonic() + timeout
+            while thread.ident is None and (end is None or time.monotonic() < end):
+                time.sleep(0.001)
+            with contextlib.suppress(RuntimeError):
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -305,77 +311,109 @@ class WorkerPool:
             raise RuntimeError("a WorkerPool cannot be used from a forked child process")
         batch.notify = self._wake
         run = PoolRun(batch, quota)
+        lent = None
+        starting = None
         with _sigint_deferred():
-            if self._run_directly(run):
-                return
-        with self._lock:
-            if self._closing:
-                raise AlloterError("the pool is closed")
-            if self._broken is not None:
-                raise AlloterError("the pool's supervisor failed") from self._broken
-            self._inbox.append(run)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
-                )
-                self._thread.start()
-        self._wake()
+            with self._lock:
+                if self._closing:
+                    raise AlloterError("the pool is closed")
+                if self._broken is not None:
+                    raise AlloterError("the pool's supervisor failed") from self._broken
+                if self._thread is None:
+                    # Started once the first tasks are out: Thread.start() waits for the
+                    # thread to run, and the first workers need not wait for that.
+                    starting = self._thread = threading.Thread(
+                        target=self._supervise,
+                        name=f"alloter_mp-supervisor-{id(self):x}",
+                        daemon=True,
+                    )
+                if self._direct_ok(run):
+                    self._runs.append(run)
+                    lent = self._hand_out(run, lend=_lendable(batch))
+                    # The supervisor must look at tasks still queued (it may start
+                    # workers) and at the timers of running ones (memory samples,
+                    # task timeouts).
+                    look = (
+                        batch.has_queued()
+                        or batch.memory_limit is not None
+                        or batch.task_timeout is not None
+                    )
+                else:
+                    self._inbox.append(run)
+                    look = True
+            if starting is not None:
+                starting.start()
+            elif look:
+                self._wake()
+            if lent is not None:
+                self._wait_lent(lent, run)
 
     # -- the caller's own dispatch ------------------------------------------------
 
-    def _run_directly(self, run: PoolRun) -> bool:
-        """Hand a new batch's first tasks to idle workers from the caller's thread.
+    def _direct_ok(self, run: PoolRun) -> bool:
+        """Whether the caller may hand ``run``'s first tasks out itself.
 
-        That spares the round trip through the supervisor's wake-up pipe. A batch of
-        one task goes further: its worker is lent to the caller (its pipe and
-        sentinel leave the supervisor's selector), which reads the reply itself for
-        up to ``LEND_MOST`` seconds, then gives the worker back (see :meth:`_lend`).
-        Nothing else changes: the run is the supervisor's like any other (its timers,
+        That spares the round trip through the supervisor's wake-up pipe (and the
+        wait for its thread to start, on a cold pool). A batch of one task goes
+        further: its worker is lent to the caller, which reads the reply itself for
+        up to ``LEND_MOST`` seconds, then gives it back (see :meth:`_lend`). Nothing
+        else changes: the run is the supervisor's like any other (its timers,
         endings and deaths), the worker's ``pipeline`` says which tasks it holds.
-        ``False`` when the supervisor must take the batch (no idle worker, work
-        already waiting, the pool starting or closing).
+        Not when work is already waiting (it goes first), nor from the supervisor's
+        own thread (a callback submitting).
         """
+        if (
+            self._inbox
+            or threading.current_thread() is self._thread
+            or run.batch.decided.is_set()
+            or any(r.batch.has_queued() for r in self._runs)
+        ):
+            return False
+        return self._can_spawn() or any(
+            w.idle and w.run is None and w.room != 0 and w.conn_open for w in self._workers
+        )
+
+    def _hand_out(self, run: PoolRun, *, lend: bool = False) -> WorkerHandle | None:
+        """Send ``run``'s ready tasks: to idle workers, to new ones while the pool may
+        grow, then ahead to its busy ones. With ``lend``, the first worker sent to is
+        lent to the calling thread first (returned; see :meth:`_lend`)."""
         batch = run.batch
-        with self._lock:
-            if (
-                self._thread is None
-                or self._closing
-                or self._broken is not None
-                or self._inbox
-                or threading.current_thread() is self._thread
-                or batch.decided.is_set()
-            ):
-                return False
-            idle = [
-                w for w in self._workers if w.idle and w.run is None and w.room != 0 and w.conn_open
-            ]
-            if not idle or any(r.batch.has_queued() for r in self._runs):
-                return False
-            self._runs.append(run)
-            # Lent before the task goes: its reply must not wake the supervisor.
-            lent = idle[0] if _lendable(batch) and not run.quota.full() else None
-            if lent is not None:
-                self._lend(lent)
-            depth = _ahead_depth(run)
-            for w in idle:
-                if not batch.has_queued() or run.quota.full():
-                    break
-                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            if lent is not None and lent.run is not run:
-                self._give_back(lent, run)  # nothing was sent to it after all
-                lent = None
-            # The supervisor must look: at tasks still queued (it may start workers), at
-            # the timers of running ones (memory samples, task timeouts).
-            look = (
-                batch.has_queued()
-                or batch.memory_limit is not None
-                or batch.task_timeout is not None
-            )
-        if look:
-            self._wake()
-        if lent is not None:
-            self._wait_lent(lent, run)
-        return True
+        quota = run.quota
+        depth = _ahead_depth(run)
+        lent: WorkerHandle | None = None
+
+        def give(w: WorkerHandle) -> None:
+            nonlocal lent
+            if lend and lent is None:
+                self._lend(w)  # before the task goes: its reply must not wake the supervisor
+                lent = w
+            self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+
+        # Idle (or new) workers first; only then send ahead to busy ones, so a task
+        # never waits behind another while a worker could run it.
+        for w in self._workers:
+            if not batch.has_queued() or quota.full():
+                break
+            if w.idle and w.run is None and w.room != 0 and w.conn_open:
+                give(w)
+        while batch.has_queued() and not quota.full() and self._can_spawn():
+            try:
+                w = self._spawn()
+            except Exception as exc:  # out of processes or descriptors, say
+                if not any(x.run is run for x in self._workers):
+                    batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
+                break
+            give(w)
+        if depth > 1 and batch.has_queued():
+            for w in self._workers:
+                if w.run is run and w.kill_reason is None and not w.stopping and not w.lent:
+                    room = depth - len(w.pipeline)
+                    if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
+                        self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
+        if lent is not None and lent.run is not run:
+            self._give_back(lent, run)  # nothing was sent to it after all
+            lent = None
+        return lent
 
     def _lend(self, w: WorkerHandle) -> None:
         """The caller reads ``w``'s pipe for a while (the supervisor still watches its
@@ -448,7 +486,7 @@ class WorkerPool:
 
     def _loop(self) -> None:
         # Everything but the wait runs under the pool's lock: a caller may hand tasks
-        # to idle workers itself (see _run_directly).
+        # to idle workers itself (see _direct_ok).
         stop_deadline: float | None = None
         while True:
             with self._lock:
@@ -690,32 +728,8 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         for run in self._runs:
-            batch = run.batch
-            if batch.ending or not batch.has_queued():
-                continue
-            quota = run.quota
-            depth = _ahead_depth(run)
-            # Idle (or new) workers first; only then send ahead to busy ones, so a
-            # task never waits behind another while a worker could run it.
-            for w in self._workers:
-                if not batch.has_queued() or quota.full():
-                    break
-                if w.idle and w.run is None and w.room != 0:
-                    self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            while batch.has_queued() and not quota.full() and self._can_spawn():
-                try:
-                    w = self._spawn()
-                except Exception as exc:  # out of processes or descriptors, say
-                    if not any(x.run is run for x in self._workers):
-                        batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
-                    break
-                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            if depth > 1 and batch.has_queued():
-                for w in self._workers:
-                    if w.run is run and w.kill_reason is None and not w.stopping and not w.lent:
-                        room = depth - len(w.pipeline)
-                        if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
-                            self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
+            if not run.batch.ending and run.batch.has_queued():
+                self._hand_out(run)
         if self._elastic:
             self._trim_idle()
 
@@ -865,7 +879,7 @@ class WorkerPool:
         # Whatever the task started dies with it, whoever's group it sits in. First:
         # a forked grandchild holding the worker's end of the pipe would otherwise
         # keep a half-sent message from ever reaching EOF.
-        w.kill_now()
+        w.kill_remains()
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
         w.proc.join(0.5)

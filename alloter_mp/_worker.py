@@ -24,13 +24,13 @@ The worker knows nothing of batches beyond the ids it echoes back.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import faulthandler
 import gc
 import os
 import pickle
 import signal
-import threading
 import time
 import weakref
 from collections import deque
@@ -130,7 +130,10 @@ def worker_main(
     faulthandler.enable()
     with contextlib.suppress(Exception):
         lifeline_w.close()  # under fork we inherited the parent's end: drop it
-    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    # _thread, not threading: Thread.start() waits until the new thread runs, which
+    # on a busy machine delays the worker's start by milliseconds. The watcher needs
+    # no more than to run soon; the worker ends with os._exit, never joining it.
+    _thread.start_new_thread(_watch_lifeline, (lifeline,))
     _task.state.words = _words.view(words)
 
     if init_payload is not None:
