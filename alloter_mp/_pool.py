@@ -396,12 +396,21 @@ class WorkerPool:
                 break
             if w.idle and w.run is None and w.room != 0 and w.conn_open:
                 give(w)
-        while batch.has_queued() and not quota.full() and self._can_spawn():
+        # New workers are all started before any is sent a task: under fork, what the
+        # parent writes between two forks stays private to the earlier child.
+        wanted = _ceil_div(batch.queued_count(), max(1, min(depth, self._share(batch))))
+        if quota.limit is not None:
+            wanted = min(wanted, quota.limit - quota.active)
+        started: list[WorkerHandle] = []
+        while len(started) < wanted and self._can_spawn():
             try:
-                w = self._spawn()
+                started.append(self._spawn())
             except Exception as exc:  # out of processes or descriptors, say
-                if not any(x.run is run for x in self._workers):
+                if not started and not any(x.run is run for x in self._workers):
                     batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
+                break
+        for w in started:
+            if not batch.has_queued() or quota.full():
                 break
             give(w)
         if depth > 1 and batch.has_queued():
@@ -1055,6 +1064,10 @@ class _sigint_deferred:
         _signal.signal(_signal.SIGINT, handler)
         if self.pending is not None:
             handler(*self.pending)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _segments_freed(run: PoolRun) -> None:

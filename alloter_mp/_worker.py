@@ -123,6 +123,10 @@ def worker_main(
     thread_env: dict[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    # What the worker inherited (the parent's objects under fork, the fork server's
+    # otherwise) is left out of its garbage collections: a collection writes to every
+    # object it visits, which would copy each page of them into this process.
+    gc.freeze()
     _threads.apply_env(thread_env)  # before the initializer or a task loads a BLAS
     _become_group_leader()
     # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
