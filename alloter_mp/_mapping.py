@@ -29,8 +29,11 @@ __all__ = ["Chunk", "imap"]
 # A chunk of unknown-length input aims at about this much work.
 TARGET_CHUNK_SECONDS = 0.02
 MOST_PER_CHUNK = 4096
-# A chunk looks at the cancel flag once per this many items.
+# A chunk looks at the cancel flag once per block of items: 16 at first, then as
+# many as take about this long (up to _BLOCK_MOST).
 _BLOCK = 16
+_BLOCK_MOST = 1024
+BLOCK_SECONDS = 0.002
 
 
 class Chunk:
@@ -62,18 +65,29 @@ class Chunk:
         offset = 0
         count = len(items)
         each = iter(items)
+        clock = time.monotonic
+        size = _BLOCK
         try:
             # Each item's offset goes to shared memory, so that a crash names the
-            # item; cancellation is looked at once per block, which keeps the loop
-            # close to a plain map for tiny items.
-            for start in range(0, count, _BLOCK):
+            # item; cancellation is looked at once per block. Blocks grow while they
+            # take less than BLOCK_SECONDS (tiny items run close to a plain map) and
+            # shrink when they take longer (a slow item is soon told to stop).
+            start = 0
+            while start < count:
                 if words[cancel] == batch_id:
                     raise Cancelled("the call was cancelled")
+                began = clock()
                 # The block's offsets first: zip stops there, before taking an item.
-                block = range(start, min(start + _BLOCK, count))
+                block = range(start, min(start + size, count))
                 for offset, value in zip(block, each, strict=False):
                     words[item] = offset
                     append(fn(value))
+                start += size
+                took = clock() - began
+                if took < BLOCK_SECONDS / 4:
+                    size = min(size * 2, _BLOCK_MOST)
+                elif took > BLOCK_SECONDS:
+                    size = max(1, size // 2)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 setattr(exc, _transport.OFFSET_ATTR, offset)
@@ -183,7 +197,9 @@ def first_unpicklable_item(chunk: Chunk, position: int) -> int:
 def _auto_chunksize(length: int | None, workers: int) -> int | None:
     if length is None:
         return None  # adapt to measured item times
-    return max(1, min(MOST_PER_CHUNK, math.ceil(length / (8 * workers))))
+    # Four chunks per worker (as multiprocessing.Pool.map): each chunk costs a
+    # message each way, and the chunks are handed out as workers finish theirs.
+    return max(1, min(MOST_PER_CHUNK, math.ceil(length / (4 * workers))))
 
 
 def imap(
