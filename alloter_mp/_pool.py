@@ -442,7 +442,7 @@ class WorkerPool:
         """Have the supervisor's selector watch ``w``'s pipe, or stop watching it."""
         fd = w.conn.fileno()
         epoll = self._epoll
-        with contextlib.suppress(KeyError, ValueError, OSError):
+        try:  # (not contextlib.suppress: this runs twice per call of one task)
             if epoll is not None:
                 # The pipe stays registered: only the kernel's interest changes, which
                 # costs a system call instead of the selector's bookkeeping each way.
@@ -451,6 +451,8 @@ class WorkerPool:
                 self._selector.register(fd, selectors.EVENT_READ, (w, "conn"))
             else:
                 self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
 
     def _wait_lent(self, w: WorkerHandle, run: PoolRun) -> None:
         """Read what the lent worker sends until the batch is decided, the worker
