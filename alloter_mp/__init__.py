@@ -25,6 +25,7 @@ from ._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from ._executor import ProcessPoolExecutor
 from ._handle import WorkerStats
 from ._pool import WorkerPool
 from ._report import Report, TaskReport
@@ -43,6 +44,7 @@ for _name in (
     "ExecTimeout",
     "MemoryLimitExceeded",
     "ProcessAlloter",
+    "ProcessPoolExecutor",
     "RemoteError",
     "Report",
     "SerializationError",
@@ -69,6 +71,7 @@ __all__ = (
     "ExecTimeout",
     "MemoryLimitExceeded",
     "ProcessAlloter",
+    "ProcessPoolExecutor",
     "RemoteError",
     "Report",
     "SerializationError",

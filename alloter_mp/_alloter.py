@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _pool
 from ._batch import Batch
@@ -17,7 +17,11 @@ from ._calls import BatchAlloter, Caller
 from ._errors import AlloterError, TaskTimeout, WorkerCrashed
 from ._handle import WorkerStats
 from ._options import SHARE_THRESHOLD, CallOptions, check_limit, default_limit
-from ._pool import Quota, WorkerPool
+from ._pool import WorkerPool
+from ._poolrun import Quota
+
+if TYPE_CHECKING:
+    from ._executor import ProcessPoolExecutor
 
 __all__ = ["Alloter", "ProcessAlloter", "run"]
 
@@ -61,6 +65,14 @@ class ProcessAlloter(BatchAlloter):
     (past it the task is ended and fails with :class:`TaskTimeout`); ``retries``
     more runs for a task whose failure matches ``retry_on`` (by default a crash or a
     task timeout), ``retry_delay * 2**(k-1)`` seconds after its k-th failure.
+
+    Seeing inside: ``relay_logs`` (on by default) hands every ``logging`` record of a
+    task to this process's logging, with ``record.task_index`` and the worker's
+    ``record.process``, and shows its warnings here, under this process's levels,
+    filters and warning filters (taken when a call starts); ``capture_output=True``
+    keeps each task's stdout and stderr (descriptors 1 and 2: C code and child
+    processes included) in :attr:`TaskReport.stdout`/``stderr`` and on a
+    :class:`TaskError`, the last 1 MiB of each, instead of letting them through.
     """
 
     def __init__(
@@ -81,6 +93,8 @@ class ProcessAlloter(BatchAlloter):
         progress: bool = False,
         threads_per_worker: int | None = None,
         share_threshold: int | None = SHARE_THRESHOLD,
+        relay_logs: bool = True,
+        capture_output: bool = False,
     ) -> None:
         size = check_limit("limit", limit) or default_limit()
         options = CallOptions.checked(
@@ -93,6 +107,8 @@ class ProcessAlloter(BatchAlloter):
             memory_limit=memory_limit,
             progress=progress,
             share_threshold=share_threshold,
+            relay_logs=relay_logs,
+            capture_output=capture_output,
         )
         pool = self._make_pool(
             size=size,
@@ -126,6 +142,20 @@ class ProcessAlloter(BatchAlloter):
     def stats(self) -> list[WorkerStats]:
         """One :class:`WorkerStats` per live worker of this alloter's pool."""
         return self._pool.stats()
+
+    def executor(self, *, kill_on_cancel: bool = False) -> ProcessPoolExecutor:
+        """A :class:`~alloter_mp.ProcessPoolExecutor` on this alloter's workers.
+
+        Its calls share this alloter's workers and ``limit`` (and its
+        ``task_timeout``, ``cancel_grace``, ``memory_limit`` and retries); its
+        ``shutdown()`` never closes this alloter. ``kill_on_cancel`` as for the
+        executor.
+        """
+        from ._executor import ProcessPoolExecutor
+
+        return ProcessPoolExecutor._over(
+            self._pool, self._quota, self._caller.options, kill_on_cancel=kill_on_cancel
+        )
 
     def with_pool(self, pool: WorkerPool) -> ProcessAlloter:
         """A new alloter with the same options that runs on ``pool`` (never closing it)."""
@@ -180,6 +210,8 @@ class Alloter(ProcessAlloter):
         progress: bool = False,
         threads_per_worker: int | None = None,
         share_threshold: int | None = SHARE_THRESHOLD,
+        relay_logs: bool = True,
+        capture_output: bool = False,
     ) -> None:
         options = CallOptions.checked(
             timeout=timeout,
@@ -191,6 +223,8 @@ class Alloter(ProcessAlloter):
             memory_limit=memory_limit,
             progress=progress,
             share_threshold=share_threshold,
+            relay_logs=relay_logs,
+            capture_output=capture_output,
         )
         pool = self._make_pool(
             size=default_limit(),

@@ -45,11 +45,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import Cancelled, ExecTimeout, RemoteError, TaskError, TaskTimeout
-from ._latch import Latch
+from ._logreceive import snapshot
 from ._options import CallOptions
 from ._states import FINAL, EndKind, TaskStatus
 
-__all__ = ["MAIN_THREAD_SLICE", "REQUEUE_MOST", "Batch", "Slot", "wait_interruptibly"]
+__all__ = ["MAIN_THREAD_SLICE", "REQUEUE_MOST", "Batch", "Latch", "Slot", "wait_interruptibly"]
 
 QUEUED = TaskStatus.QUEUED
 RUNNING = TaskStatus.RUNNING
@@ -61,6 +61,10 @@ CANCELLED = TaskStatus.CANCELLED
 SKIPPED = TaskStatus.SKIPPED
 
 _ids = itertools.count(1)
+
+# How long a caller waits, after its batch ended, for the records of its tasks that
+# were written but not yet sent (a worker sends them within a few tens of ms).
+LOGS_WAIT = 0.25
 
 # A task whose worker died before starting it goes back to the queue at most this
 # many times; after that the death is blamed on it (a worker that cannot start
@@ -87,6 +91,8 @@ class Slot:
         "item_state",
         "items",
         "not_before",
+        "output",
+        "owner",
         "payload",
         "peak_rss",
         "pid",
@@ -97,6 +103,7 @@ class Slot:
         "started",
         "status",
         "todo",
+        "unstarted_only",
         "wall_s",
     )
 
@@ -126,12 +133,20 @@ class Slot:
         self.ended_alone: TaskStatus | None = None
         self.ended_at = 0.0
         self.ended_item = 0  # which item of a chunk was ended
+        # Ended alone only if it has not started yet (shutdown(cancel_futures=True)):
+        # the runner skips it if it can, and spares it (see spare()) if it started.
+        self.unstarted_only = False
+        # Whatever the caller attached to the task (an executor's future); the batch
+        # only carries it.
+        self.owner: Any = None
         # A chunk judged item by item: each item's state, result or error, attempts,
         # and the offsets to run when it is next handed over (None: all).
         self.item_state: bytearray | None = None
         self.items: list[Any] | None = None
         self.item_attempts: list[int] | None = None
         self.todo: list[int] | None = None
+        # capture_output: what its last run wrote to stdout and stderr.
+        self.output: tuple[str, str] | None = None
 
 
 class Batch:
@@ -149,6 +164,7 @@ class Batch:
         keep_going: bool = False,
         chunked: bool = False,
         items_alone: bool = False,
+        forget_settled: bool = False,
     ) -> None:
         options = options if options is not None else CallOptions()
         self.id = next(_ids)
@@ -162,6 +178,14 @@ class Batch:
         self.memory_limit = options.memory_limit
         self.timeout_message = timeout_message
         self.measure = measure or options.memory_limit is not None
+        # Seeing inside the tasks: the caller's logging levels and warning filters,
+        # taken now, for the workers to apply (None: records and warnings are not
+        # relayed), and whether each task's stdout and stderr are captured.
+        self.log_snapshot = snapshot() if options.relay_logs else None
+        self.capture_output = options.capture_output
+        # Set by a runner that relays logs once the records that tasks running at the
+        # batch's end had written by then were handed over (see wait_logs).
+        self.logs_drained: Latch | None = None
         self.keep_going = keep_going
         # The tasks are chunks of a map's items.
         self.chunked = chunked
@@ -177,6 +201,16 @@ class Batch:
         # A worker may skip the rest of the batch at its first failure.
         self.fail_fast = not keep_going and options.retries == 0
         self.slots = [Slot(i, p) for i, p in enumerate(payloads)]
+        # A batch that lives long keeps only its open slots, in ``_live``: ``slots``
+        # stays empty and ``results()`` is not available (an executor's stream of
+        # futures; the command line's engine reading ``tail -f``). The runner or the
+        # owner holds what it still needs of a settled slot.
+        self._forget = forget_settled
+        self._live: dict[int, Slot] = {}
+        self._count = len(payloads)  # slots made so far: the next one's index
+        if forget_settled:
+            self._live = dict(enumerate(self.slots))
+            self.slots = []
         # All tasks pickled together (slots then carry no payload of their own); or,
         # for a map on the pool, its function (each slot's payload: its items).
         self.blob: Any = None
@@ -186,8 +220,12 @@ class Batch:
         self.share_threshold = options.share_threshold
         # Set by the runner once no worker holds those segments (None: none was sent).
         self.segments_freed: Latch | None = None
-        self._queued: deque[int] = deque(range(len(payloads)))
-        self._delayed: list[tuple[float, int]] = []  # (not_before, index): retries waiting
+        # Ready slots in order. A slot taken out early (withdraw) stays in the deque,
+        # no longer QUEUED, and is passed over when reached: taking it out would
+        # cost a walk of the deque.
+        self._queued: deque[Slot] = deque(self.slots)
+        # Retries waiting for their delay: (not_before, index, slot), a heap.
+        self._delayed: list[tuple[float, int, Slot]] = []
         self._lock = threading.Lock()
         self._open = open_input
         # Slots ended alone and not settled yet: the runner tells them and kills them.
@@ -197,6 +235,9 @@ class Batch:
         self.outcome: BaseException | None = None
         self.end_kind: EndKind | None = None
         self.ended_at = 0.0
+        # Running tasks of an ended batch are killed with SIGKILL at once, not
+        # SIGTERM first (an executor's kill_workers()).
+        self.kill_at_once = False
         self.decided = Latch()
         self.settled = Latch()
         # Set by whatever runs the tasks: called (from any thread) when the batch ends,
@@ -227,12 +268,27 @@ class Batch:
     def has_queued(self) -> bool:
         """Whether a task is ready to be handed over now (retries whose delay has
         passed included)."""
-        if self._delayed and self._delayed[0][0] <= time.monotonic():
+        # Read without the lock: the lists are replaced, never emptied in place.
+        delayed = self._delayed
+        if delayed and delayed[0][0] <= time.monotonic():
             self._release_delayed()
-        return bool(self._queued)
+        queued = self._queued
+        if queued and queued[0].status is not QUEUED:
+            with self._lock:
+                while queued and queued[0].status is not QUEUED:
+                    queued.popleft()  # withdrawn meanwhile
+        return bool(queued)
 
     def queued_count(self) -> int:
+        """About how many tasks are ready (withdrawn ones not passed over yet count)."""
         return len(self._queued)
+
+    def open_slots(self) -> list[Slot]:
+        """The slots not settled yet."""
+        with self._lock:
+            if self._forget:
+                return list(self._live.values())
+            return [s for s in self.slots if s.status not in FINAL]
 
     def next_ready_at(self) -> float | None:
         """When the next retry waiting for its delay may be handed over, if any."""
@@ -247,19 +303,32 @@ class Batch:
 
     def append(self, payload: Any, base: int | None = None, size: int = 1) -> int | None:
         """Add a task to an open batch; returns its index, or ``None`` if it ended."""
+        slot = self.add(payload, base=base, size=size)
+        return None if slot is None else slot.index
+
+    def add(
+        self, payload: Any, *, base: int | None = None, size: int = 1, owner: Any = None
+    ) -> Slot | None:
+        """Add a task to an open batch; returns its slot, or ``None`` if the batch
+        ended or its input was closed. ``owner`` is carried on the slot."""
         with self._lock:
             if self.end_kind is not None or not self._open:
                 return None
-            index = len(self.slots)
+            index = self._count
+            self._count += 1
             slot = Slot(index, payload)
             if base is not None:
                 slot.base = base
             slot.size = size
-            self.slots.append(slot)
-            self._queued.append(index)
+            slot.owner = owner
+            if self._forget:
+                self._live[index] = slot
+            else:
+                self.slots.append(slot)
+            self._queued.append(slot)
             self._unsettled += 1
         self.notify()
-        return index
+        return slot
 
     def close_input(self) -> None:
         """No more tasks will be appended; the batch may now succeed."""
@@ -277,10 +346,14 @@ class Batch:
         with self._lock:
             if self._delayed and self._delayed[0][0] <= now:
                 self._release_delayed_locked(now)
-            while self._queued and len(taken) < most and self.end_kind is None:
-                slot = self.slots[self._queued.popleft()]
+            queued = self._queued
+            while queued and len(taken) < most and self.end_kind is None:
+                slot = queued.popleft()
+                if slot.status is not QUEUED:
+                    continue  # withdrawn
                 slot.status = RUNNING
                 slot.started = now
+                slot.output = None
                 taken.append(slot)
         return taken
 
@@ -290,15 +363,68 @@ class Batch:
         with self._lock:
             if slot.status is not QUEUED:
                 return False
-            if slot.index in self._queued:
-                self._queued.remove(slot.index)
-            else:
-                self._delayed = [d for d in self._delayed if d[1] != slot.index]
-                heapq.heapify(self._delayed)
-            self._finish(slot, SKIPPED)
-            self._check_success()
+            self._withdraw_locked(slot)
         self._slot_done(slot)
+        self.notify()  # the runner may forget a batch that has settled so
         return True
+
+    def _withdraw_locked(self, slot: Slot) -> None:
+        # It stays in _queued or _delayed, passed over when reached.
+        self._finish(slot, SKIPPED)
+        self._check_success()
+
+    def cancel_task(self, slot: Slot, *, running: bool) -> bool:
+        """Cancel one task on its own, whatever its state: a queued one is taken out
+        (it ends ``skipped``); with ``running``, one handed over is ended as by
+        :meth:`end_task` with ``CANCELLED`` (one ended only if unstarted is now
+        ended in any case). ``False`` if it settled, or runs and not ``running``.
+        """
+        with self._lock:
+            if slot.status is QUEUED:
+                self._withdraw_locked(slot)
+                withdrawn = True
+            elif slot.status is RUNNING and running:
+                if slot.ended_alone is None:
+                    self._end_alone_locked(slot, CANCELLED, 0)
+                elif slot.unstarted_only:
+                    slot.unstarted_only = False
+                else:
+                    return slot.ended_alone is CANCELLED
+                withdrawn = False
+            else:
+                return False
+        if withdrawn:
+            self._slot_done(slot)
+        self.notify()
+        return True
+
+    def end_unstarted(self) -> None:
+        """End every task that has not started: queued ones are taken out (they end
+        ``skipped``); those handed over are ended alone if they have not started
+        yet (``unstarted_only``: the runner skips them, or spares one that started).
+        """
+        with self._lock:
+            if self._forget:
+                open_slots = list(self._live.values())
+            else:
+                open_slots = [s for s in self.slots if s.status not in FINAL]
+            withdrawn = []
+            for slot in open_slots:
+                if slot.status is QUEUED:
+                    self._withdraw_locked(slot)
+                    withdrawn.append(slot)
+                elif slot.status is RUNNING and slot.ended_alone is None:
+                    self._end_alone_locked(slot, CANCELLED, 0)
+                    slot.unstarted_only = True
+        for slot in withdrawn:
+            self._slot_done(slot)
+        self.notify()
+
+    def spare(self, slot: Slot) -> None:
+        """The runner found that a task ended only if unstarted had started: it runs on."""
+        with self._lock:
+            if slot.unstarted_only and slot.status is RUNNING:
+                self._clear_alone(slot)
 
     def _release_delayed(self) -> None:
         with self._lock:
@@ -306,9 +432,9 @@ class Batch:
 
     def _release_delayed_locked(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            _, index = heapq.heappop(self._delayed)
-            if self.slots[index].status is QUEUED:
-                self._queued.append(index)
+            _, _, slot = heapq.heappop(self._delayed)
+            if slot.status is QUEUED:
+                self._queued.append(slot)
 
     # -- deciding (thread-safe; the first decision wins) ------------------------
 
@@ -334,12 +460,15 @@ class Batch:
         with self._lock:
             if slot.status is not RUNNING or slot.ended_alone is not None:
                 return False
-            slot.ended_alone = status
-            slot.ended_at = time.monotonic()
-            slot.ended_item = item
-            self.alone.add(slot.index)
+            self._end_alone_locked(slot, status, item)
         self.notify()
         return True
+
+    def _end_alone_locked(self, slot: Slot, status: TaskStatus, item: int) -> None:
+        slot.ended_alone = status
+        slot.ended_at = time.monotonic()
+        slot.ended_item = item
+        self.alone.add(slot.index)
 
     def _end(self, kind: EndKind, error: BaseException) -> bool:
         with self._lock:
@@ -349,14 +478,13 @@ class Batch:
             self.end_kind = kind
             self.ended_at = time.monotonic()
             skipped = []
-            for index in itertools.chain(self._queued, (i for _, i in self._delayed)):
-                slot = self.slots[index]
-                slot.status = SKIPPED
-                slot.payload = None
-                skipped.append(slot)
-            self._queued.clear()
-            self._delayed.clear()
-            self._unsettled -= len(skipped)
+            for slot in itertools.chain(self._queued, (d[2] for d in self._delayed)):
+                if slot.status is QUEUED:
+                    self._settle(slot, SKIPPED)
+                    skipped.append(slot)
+            # Replaced, never emptied in place: the runner peeks without the lock.
+            self._queued = deque()
+            self._delayed = []
             self._open = False
             self.decided.set()
             self._check_settled()
@@ -430,7 +558,10 @@ class Batch:
             if slot.ended_alone is not None:
                 if slot.item_state is not None:
                     offset = slot.ended_item
-                    first = self._item_failed(slot, offset, self._ended_alone_error(slot), False)
+                    error = self._ended_alone_error(slot)
+                    if isinstance(error, TaskError) and slot.output is not None:
+                        error.stdout, error.stderr = slot.output  # what the item wrote
+                    first = self._item_failed(slot, offset, error, False)
                     self._run_over(slot)
                 else:
                     slot.attempts += 1
@@ -463,7 +594,7 @@ class Batch:
                 slot.requeued += 1
                 slot.status = QUEUED
                 slot.pid = None
-                self._queued.appendleft(slot.index)
+                self._queued.appendleft(slot)
                 requeued = True
             else:
                 if slot.ended_alone is CANCELLED:
@@ -526,13 +657,14 @@ class Batch:
     def abandon(self) -> None:
         """Settle every task still open: the runner can no longer report on them."""
         with self._lock:
-            open_slots = [s for s in self.slots if s.status not in FINAL]
+            slots = self._live.values() if self._forget else self.slots
+            open_slots = [s for s in slots if s.status not in FINAL]
             for slot in open_slots:
                 if slot.error is None:
                     slot.error = self._ended_error()
                 self._finish(slot, self._end_status() if slot.status is RUNNING else SKIPPED)
-            self._queued.clear()
-            self._delayed.clear()
+            self._queued = deque()
+            self._delayed = []
             self._open = False
             self._check_settled()
         for slot in open_slots:
@@ -567,9 +699,9 @@ class Batch:
         self._clear_alone(slot)
         slot.not_before = not_before
         if not_before <= time.monotonic():
-            self._queued.append(slot.index)
+            self._queued.append(slot)
         else:
-            heapq.heappush(self._delayed, (not_before, slot.index))
+            heapq.heappush(self._delayed, (not_before, slot.index, slot))
         return True
 
     def _retryable(self, error: BaseException) -> bool:
@@ -630,9 +762,9 @@ class Batch:
         slot.status = QUEUED
         slot.pid = None
         if slot.not_before > time.monotonic():
-            heapq.heappush(self._delayed, (slot.not_before, slot.index))
+            heapq.heappush(self._delayed, (slot.not_before, slot.index, slot))
         else:
-            self._queued.appendleft(slot.index)
+            self._queued.appendleft(slot)
 
     def _timeout_error(self, slot: Slot) -> TaskTimeout:
         return TaskTimeout(slot.base + slot.ended_item, self.task_timeout or 0.0)
@@ -654,14 +786,29 @@ class Batch:
 
     def _clear_alone(self, slot: Slot) -> None:
         slot.ended_alone = None
+        slot.unstarted_only = False
         self.alone.discard(slot.index)
 
+    def _slot(self, index: int) -> Slot:
+        return self._live[index] if self._forget else self.slots[index]
+
     def _finish(self, slot: Slot, status: TaskStatus) -> None:
+        self._settle(slot, status)
+        self._check_settled()
+
+    def _settle(self, slot: Slot, status: TaskStatus) -> None:
+        error = slot.error
+        if slot.output is not None and isinstance(error, TaskError) and error.stdout is None:
+            # A task's own error carries what it wrote (errors of the batch's end are
+            # shared by its tasks, and are no TaskError).
+            error.stdout, error.stderr = slot.output
         slot.status = status
         slot.payload = None  # settled: it will not be sent again
         self.alone.discard(slot.index)
+        slot.unstarted_only = False
+        if self._forget:
+            self._live.pop(slot.index, None)
         self._unsettled -= 1
-        self._check_settled()
 
     def _check_success(self) -> None:
         if (
@@ -725,11 +872,24 @@ class Batch:
             ):
                 self.expire()
 
+    def wait_logs(self, most: float = LOGS_WAIT) -> None:
+        """Once the batch has ended: wait (at most ``most`` seconds) until the records
+        its running tasks had written by then have been handed to the caller's logging.
+
+        Call from the caller's thread, never from the runner's.
+        """
+        event = self.logs_drained
+        if event is not None and self.end_kind is not None:
+            event.wait(most)
+
     def results(self) -> list[Any]:
         """The results in task order, or raise the outcome.
 
         In a keep-going batch a failed task's :class:`TaskError` stands in its place.
+        Not for a batch that forgets its settled slots.
         """
+        if self._forget:
+            raise RuntimeError("a batch that forgets its settled slots has no results")
         self.wait_decided()
         if self.outcome is not None:
             raise self.outcome
@@ -738,6 +898,61 @@ class Batch:
                 return [s.result if s.status is OK else [s.error] for s in self.slots]
             return [s.result if s.status is OK else s.error for s in self.slots]
         return [slot.result for slot in self.slots]
+
+
+class Latch:
+    """A flag that is set once, waited for like a :class:`threading.Event`, and that
+    calls back whoever asked when it is set.
+
+    ``when_set(callback)`` runs ``callback()`` when the latch is set (in the thread
+    that sets it, possibly while the batch holds its lock: a callback must be quick
+    and must not call back into the batch), or at once if it is set already. This
+    is how an awaiting coroutine hears of a batch's outcome without a thread of its
+    own waiting for it. Cheap to make: the event threads wait on is made only when
+    one does (thousands of calls may be made at once).
+    """
+
+    __slots__ = ("_callbacks", "_event", "_flag", "_lock")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def when_set(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._flag:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def set(self) -> None:
+        with self._lock:
+            if self._flag:
+                return
+            self._flag = True
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
+            callback()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        with self._lock:
+            if self.is_set():  # set meanwhile
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
 
 def _reindexed(error: TaskError, index: int) -> TaskError:
@@ -757,7 +972,7 @@ def _nothing() -> None:
 MAIN_THREAD_SLICE = 0.05
 
 
-def wait_interruptibly(event: Latch | threading.Event, timeout: float | None = None) -> bool:
+def wait_interruptibly(event: threading.Event | Latch, timeout: float | None = None) -> bool:
     """``event.wait(timeout)``, in short slices when called from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return event.wait(timeout)

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import _context, _mapping, _shm, _transport
+from ._aio import AsyncCalls
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
 from ._errors import Cancelled, ExecTimeout, SerializationError
-from ._options import CallOptions, check_chunksize
+from ._options import CallOptions, check_chunksize, check_errors, check_fn
 from ._progress import Progress, attach_progress
 from ._report import Report, build_report
 
-__all__ = ["BatchAlloter", "Caller", "Runner"]
+__all__ = ["BatchAlloter", "Caller", "Runner", "caller_of"]
 
 # Tasks pickled together up to this size are sent as one blob per worker.
 BLOB_MOST = 1 << 20
@@ -139,11 +140,26 @@ class Caller:
         ``keep_going`` (``errors="return"``): a failed item's :class:`TaskError` in
         its place, the others run on.
         """
+        batch = self.map_batch(fn, items, chunksize, keep_going=keep_going)
+        if batch is None:
+            return []
+        self.run(batch, None, len(items))
+        return list(itertools.chain.from_iterable(batch.results()))
+
+    def map_batch(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        chunksize: int | None,
+        *,
+        keep_going: bool = False,
+    ) -> Batch | None:
+        """The batch of a map over a sequence (``None`` for no items), not launched."""
         started = time.monotonic()
         chunksize = self.chunksize_for(chunksize, keep_going)
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
-            return []
+            return None
         if self.shares:
             batch = self.prepare_map(fn, chunks, started=started, keep_going=keep_going)
         else:
@@ -159,8 +175,7 @@ class Caller:
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
             slot.size = len(chunk.items)
-        self.run(batch, None, len(items))
-        return list(itertools.chain.from_iterable(batch.results()))
+        return batch
 
     # -- the steps ---------------------------------------------------------------
 
@@ -334,6 +349,7 @@ class Caller:
         """Wait for the outcome (``settle``: for every task); an escape ends the call."""
         try:
             batch.wait_decided()
+            batch.wait_logs()  # an ended batch: what its tasks logged until then first
             if settle:
                 wait_interruptibly(batch.settled)
         except BaseException:
@@ -364,8 +380,11 @@ class Caller:
             launch.bar = None
 
 
-class BatchAlloter:
+class BatchAlloter(AsyncCalls):
     """The calls of an alloter; a subclass says which runner runs its batches.
+
+    Each call also has an awaitable form (``exec_async``, ``exec_report_async``,
+    ``map_async``, ``imap_async``: see :class:`~alloter_mp._aio.AsyncCalls`).
 
     A subclass sets ``_caller`` (a :class:`Caller` over its runner and options) and
     ``_limit``, and implements :meth:`close`.
@@ -434,10 +453,10 @@ class BatchAlloter:
         gives its :class:`TaskError` in place of its result, and every other item
         still runs; the call's timeout and a cancellation still end everything.
         """
-        keep_going = _check_errors(errors)
+        keep_going = check_errors(errors)
         if not isinstance(iterable, Sized):
             return list(self.imap(fn, iterable, chunksize=chunksize, errors=errors))
-        _check_fn(fn)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         # A sequence is sliced as it is (a range stays a range); anything else is listed.
         source: Any = iterable
@@ -460,8 +479,8 @@ class BatchAlloter:
         early ends the outstanding work; the timeout counts from this call.
         ``errors`` as for :meth:`map`.
         """
-        keep_going = _check_errors(errors)
-        _check_fn(fn)
+        keep_going = check_errors(errors)
+        check_fn(fn)
         chunksize = check_chunksize(chunksize)
         return _mapping.imap(self._caller, fn, iterable, chunksize, ordered, keep_going)
 
@@ -469,7 +488,8 @@ class BatchAlloter:
         """A new alloter with some options of a call replaced, on the same workers.
 
         ``timeout``, ``task_timeout``, ``cancel_grace``, ``retries``, ``retry_on``,
-        ``retry_delay``, ``memory_limit`` and ``progress`` may be replaced; the new
+        ``retry_delay``, ``memory_limit``, ``progress``, ``relay_logs`` and
+        ``capture_output`` may be replaced; the new
         alloter shares this one's workers and its ``limit`` (the tasks of both count
         against it together). Options that shape the workers (``limit``,
         ``start_method``, ``initializer``, ...) raise ``TypeError``. Closing the new
@@ -494,6 +514,12 @@ class BatchAlloter:
         self.close()
 
 
+def caller_of(alloter: BatchAlloter) -> Caller:
+    """The :class:`Caller` behind ``alloter``, for code of this package that runs its
+    own kind of call through the same steps (the command line's ``call``)."""
+    return alloter._caller
+
+
 # Options of a constructor that shape the workers, not a call.
 _WORKER_OPTIONS = frozenset(
     {
@@ -508,20 +534,6 @@ _WORKER_OPTIONS = frozenset(
         "pool",
     }
 )
-
-
-def _check_errors(errors: object) -> bool:
-    """``errors="raise"`` -> ``False``, ``"return"`` -> ``True`` (keep going)."""
-    if errors == "raise":
-        return False
-    if errors == "return":
-        return True
-    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
-
-
-def _check_fn(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
 
 
 def _data(payload: Any) -> bytes:

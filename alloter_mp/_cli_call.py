@@ -3,12 +3,15 @@
 Parent (this process):
   read every stdin line as JSON (a bad line is a user error: status 2)
   import MODULE and find FUNCTION here first (not found: status 2)
-  fail-fast: ``ProcessAlloter.imap`` over the values, one JSON line out per
-      result in input order; the first failure prints its remote traceback
-      and ends the rest (status 1)
-  --keep-going: one ``exec_with_context`` per value from ``limit`` threads, all
-      under one Context carrying the deadline; a failure becomes an
-      ``{"error": ...}`` line (status 1 at the end)
+  --resume: inputs whose result the report file has are not called again
+  one open batch on a ProcessAlloter (``--timeout``, ``--job-timeout`` as its
+      task_timeout, ``--retries``; ``--keep-going`` is the batch's keep_going),
+      one task per input, fed a few ahead of the output; the batch's rules decide
+  one JSON line out per input, in input order, as results come; without
+      --keep-going the first failure prints its remote traceback and ends the
+      rest (status 1); with it a failure becomes an ``{"error": ...}`` line
+      (status 1 at the end)
+  a report line (--report) and a trace event (--trace) per input as it settles
 
 Worker: :func:`call_one` imports the module (with the caller's directory on
 ``sys.path``, as ``python -m`` has it), calls the function with ``print()``
@@ -24,20 +27,34 @@ import importlib
 import io
 import json
 import os
+import queue
 import signal
 import sys
 import threading
-import traceback
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from . import _transport
+from ._batch import MAIN_THREAD_SLICE, Slot, wait_interruptibly
+from ._cli_report import ReportFile, job_status
+from ._errors import Cancelled, ExecTimeout, TaskError, TaskTimeout
+from ._states import TaskStatus
 
 if TYPE_CHECKING:
     from alloter_mp import ProcessAlloter
 
-__all__ = ["Target", "UsageError", "call_command", "call_one", "parse_target", "resolve"]
+__all__ = [
+    "Target",
+    "UsageError",
+    "call_command",
+    "call_one",
+    "parse_target",
+    "report_keep",
+    "report_key",
+    "resolve",
+]
 
 _PREFIX = "alloter-mp call"
 
@@ -161,23 +178,6 @@ def _write_stderr(text: str) -> None:
         data = data[os.write(sys.stderr.fileno(), data) :]
 
 
-def call_one_caught(target: Target, value: Any) -> tuple[bool, str, str]:
-    """:func:`call_one` for ``--keep-going``: ``(ok, json_line, traceback_text)``.
-
-    An exception of the function becomes an ``{"error": ...}`` line instead of
-    failing the task, so it never ends the other calls.
-    """
-    try:
-        return True, call_one(target, value), ""
-    except Exception as exc:
-        # Leave out the frames of this module: the user's own code is what matters.
-        tb = exc.__traceback__
-        if tb is not None and tb.tb_next is not None and tb.tb_next.tb_next is not None:
-            tb = tb.tb_next.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        return False, _error_line(type(exc).__name__, str(exc)), text
-
-
 def _describe(err: BaseException) -> tuple[str, str]:
     """The type name and message of a task's failure, without the task's index."""
     cause = err.__cause__
@@ -211,6 +211,32 @@ def read_values(stream: BinaryIO) -> list[tuple[int, Any]]:
     return values
 
 
+def report_key(line: dict[str, Any]) -> tuple[str, str] | None:
+    """What ``--resume`` compares in a report line of ``call``: function and input."""
+    function = line.get("function")
+    if not isinstance(function, str) or "input" not in line:
+        return None
+    return function, _canonical(line["input"])
+
+
+def report_keep(line: dict[str, Any]) -> str | None:
+    """What ``--resume`` keeps of an ``ok`` line: the result, as JSON text."""
+    return json.dumps(line["result"]) if "result" in line else None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class _Input:
+    """One input line: where it was, its value, and its result if ``--resume`` has it."""
+
+    line: int
+    value: Any
+    replay: str | None = None
+
+
 class _Output:
     """Writes result lines to stdout, messages to stderr, and moves the progress bar."""
 
@@ -240,87 +266,230 @@ class _Output:
             self.bar.close()
 
 
-def _fail_fast(
-    alloter: ProcessAlloter, target: Target, values: list[tuple[int, Any]], out: _Output
-) -> int:
-    from alloter_mp import TaskError
+class _Calls:
+    """One ``call`` run: an open batch with one task per input, fed ahead of the output.
 
-    results: Iterator[str] = alloter.imap(
-        functools.partial(call_one, target), (value for _, value in values)
-    )
-    try:
-        for text in results:
-            out.line(text)
-    except TaskError as err:
-        if err.remote_traceback:
-            out.error(err.remote_traceback)
-        kind, message = _describe(err)
-        out.error(f"{_PREFIX}: the input on line {values[err.index][0]} failed: {kind}: {message}")
-        return 1
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
-    return 0
+    The batch's rules decide everything (the first failure ends the rest unless it
+    keeps going, task timeouts, retries, the deadline); this class feeds it, writes
+    the results in input order as they come, and writes a report line and a trace
+    event for each input as it settles.
+    """
 
+    def __init__(
+        self,
+        alloter: ProcessAlloter,
+        target: Target,
+        target_text: str,
+        inputs: list[_Input],
+        out: _Output,
+        *,
+        keep_going: bool,
+        timeout: float | None,
+        job_timeout: float | None,
+        report: ReportFile | None,
+        trace: TextIO | None,
+    ) -> None:
+        from alloter_mp._calls import caller_of
+        from alloter_mp._timeline import TraceWriter
 
-def _keep_going(
-    alloter: ProcessAlloter,
-    target: Target,
-    values: list[tuple[int, Any]],
-    out: _Output,
-    timeout: float | None,
-) -> int:
-    from alloter_mp import Context, TaskError
+        self.caller = caller_of(alloter)
+        self.target = target
+        self.target_text = target_text
+        self.inputs = inputs
+        self.out = out
+        self.keep_going = keep_going
+        self.timeout = timeout
+        self.job_timeout = job_timeout
+        self.report = report
+        self.trace = None if trace is None else TraceWriter(trace, "alloter-mp call")
+        self.done: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+        self.position: list[int] = []  # slot index -> input position
+        self.settled: dict[int, Slot] = {}  # input position -> settled slot, until written
+        self.failed = 0
+        self.first_failed: int | None = None  # keep going: the first failed position
+        self.first_timed_out = False  # ... and it ran past --job-timeout
 
-    ctx = Context(timeout=timeout)
-    task = functools.partial(call_one_caught, target)
-
-    def one(value: Any) -> tuple[bool, str, str]:
+    def run(self) -> int:
+        caller = self.caller
+        batch = caller.new_batch(
+            [], None, open_input=True, keep_going=self.keep_going, measure=self.report is not None
+        )
+        self.batch = batch
+        batch.on_slot_done = self.done.put
+        batch.on_decided = lambda: self.done.put(None)
+        launch = caller.launch(batch, None, None)
         try:
-            result: tuple[bool, str, str] = alloter.exec_with_context(
-                ctx, functools.partial(task, value)
-            )[0]
-        except TaskError as err:  # its worker died, or the like: still only this input
-            kind, message = _describe(err)
-            return False, _error_line(kind, message), err.remote_traceback
-        return result
+            return self._loop()
+        finally:
+            if not batch.decided.is_set():
+                batch.cancel(Cancelled("the command was interrupted"))
+            caller.finish(launch)
+            self._drain()
+            if self.trace is not None:
+                self.trace.close()
 
-    failed = 0
-    pending: deque[tuple[int, Future[tuple[bool, str, str]]]] = deque()
-    feed = iter(values)
-    limit = alloter.limit or 1  # a ProcessAlloter always has one
-    with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="alloter-call") as pool:
-        try:
-            while True:
-                while len(pending) < 2 * limit:
-                    item = next(feed, None)
-                    if item is None:
+    def _loop(self) -> int:
+        batch = self.batch
+        inputs = self.inputs
+        # Enough in flight that the workers never wait for the next input (one task
+        # per input makes tiny calls round trips otherwise); bounded: results wait
+        # here for their turn in input order.
+        ahead = max(256, 8 * self.caller.parallelism)
+        fed = written = appended = 0
+        closed = False
+        while True:
+            while fed < len(inputs) and appended - written < ahead and not batch.ending:
+                item = inputs[fed]
+                if item.replay is None:
+                    task = functools.partial(call_one, self.target, item.value)
+                    index = batch.append(_transport.dumps(task))
+                    if index is None:
                         break
-                    pending.append((item[0], pool.submit(one, item[1])))
-                if not pending:
+                    self.position.append(fed)
+                    appended += 1
+                fed += 1
+            if fed == len(inputs) and not closed:
+                closed = True
+                batch.close_input()
+            while written < len(inputs):
+                item = inputs[written]
+                if item.replay is not None:
+                    self.out.line(item.replay)
+                elif written in self.settled:
+                    self._write(written, self.settled.pop(written))
+                else:
                     break
-                number, future = pending.popleft()
-                ok, text, tb = future.result()
-                if not ok:
-                    failed += 1
-                    if tb:
-                        out.error(tb)
-                    error = json.loads(text)["error"]
-                    out.error(
-                        f"{_PREFIX}: the input on line {number} failed: "
-                        f"{error['type']}: {error['message']}"
-                    )
-                out.line(text)
-        except BaseException:
-            ctx.cancel()
-            for _, future in pending:
-                future.cancel()
-            raise
-    if failed:
-        out.error(f"{_PREFIX}: {failed} of {len(values)} calls failed")
-        return 1
-    return 0
+                written += 1
+            if written == len(inputs):
+                return self._outcome()
+            if batch.outcome is not None:
+                return self._ended()
+            slot = self._next_done()
+            if slot is not None:
+                self._settled(slot)
+
+    def _next_done(self) -> Slot | None:
+        """The next settled slot (``None``: the batch was decided, or a slice passed)."""
+        deadline = self.batch.deadline
+        timeout = MAIN_THREAD_SLICE
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.batch.expire()
+                return None
+            timeout = min(timeout, left)
+        try:
+            return self.done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _settled(self, slot: Slot) -> None:
+        position = self.position[slot.index]
+        self.settled[position] = slot
+        self._record(position, slot)
+
+    def _drain(self) -> None:
+        """Record what settled but was not taken from the queue yet."""
+        while True:
+            try:
+                slot = self.done.get_nowait()
+            except queue.Empty:
+                return
+            if slot is not None:
+                self._record(self.position[slot.index], slot)
+
+    def _write(self, position: int, slot: Slot) -> None:
+        """Write the result line of a settled input (its turn in input order)."""
+        if slot.status is TaskStatus.OK:
+            self.out.line(slot.result)
+            return
+        error = slot.error
+        if not self.keep_going or not isinstance(error, TaskError):
+            return  # ended with the batch (cancelled, skipped): the outcome says why
+        self.failed += 1
+        if self.first_failed is None:  # input order: the first failed input decides
+            self.first_failed = position
+            self.first_timed_out = isinstance(error, TaskTimeout)
+        if isinstance(error, TaskError) and error.remote_traceback:
+            self.out.error(error.remote_traceback)
+        kind, message = _describe(error)
+        self.out.error(
+            f"{_PREFIX}: the input on line {self.inputs[position].line} failed: {kind}: {message}"
+        )
+        self.out.line(_error_line(kind, message))
+
+    def _outcome(self) -> int:
+        """Every input was written: the exit status."""
+        if not self.failed:
+            return 0
+        run = len(self.inputs) - sum(1 for i in self.inputs if i.replay is not None)
+        self.out.error(f"{_PREFIX}: {self.failed} of {run} calls failed")
+        return 124 if self.first_timed_out else 1
+
+    def _ended(self) -> int:
+        """The batch ended before every input was written: say why, and the status."""
+        batch = self.batch
+        outcome = batch.outcome
+        if self.report is not None or self.trace is not None:
+            # Every input gets its line: wait until the ended tasks are gone.
+            wait_interruptibly(batch.settled)
+            self._drain()
+        if isinstance(outcome, ExecTimeout):
+            self.out.error(f"{_PREFIX}: timed out after {self.timeout:g} s")
+            return 124
+        if isinstance(outcome, TaskError):
+            if outcome.remote_traceback:
+                self.out.error(outcome.remote_traceback)
+            kind, message = _describe(outcome)
+            line = self.inputs[self.position[outcome.index]].line
+            self.out.error(f"{_PREFIX}: the input on line {line} failed: {kind}: {message}")
+            return 124 if isinstance(outcome, TaskTimeout) else 1
+        raise outcome if outcome is not None else AssertionError("no outcome")
+
+    def _record(self, position: int, slot: Slot) -> None:
+        """The report line and the trace event of a settled input."""
+        item = self.inputs[position]
+        status = job_status(slot.status)
+        started = slot.start_at is not None
+        start_s = None if slot.start_at is None else max(0.0, slot.start_at - self.batch.started_at)
+        error = None
+        if slot.error is not None and slot.status is not TaskStatus.OK:
+            kind, message = _describe(slot.error)
+            error = {"type": kind, "message": message}
+        if self.report is not None:
+            line = {
+                "index": position,
+                "line": item.line,
+                "function": self.target_text,
+                "input": item.value,
+                "status": status,
+                "error": error,
+                "attempts": slot.attempts,
+                "wall_s": round(slot.wall_s, 6),
+                "cpu_s": round(slot.cpu_s, 6),
+                "peak_rss": slot.peak_rss,
+                "pid": slot.pid if started else None,
+                "start_s": None if start_s is None else round(start_s, 6),
+            }
+            raw = {"result": slot.result} if slot.status is TaskStatus.OK else None
+            self.report.write(line, raw)
+        if self.trace is not None and start_s is not None:
+            from alloter_mp._timeline import Span
+
+            args: dict[str, Any] = {"index": position, "line": item.line, "attempts": slot.attempts}
+            if error is not None:
+                args["error"] = error
+            self.trace.add(
+                Span(
+                    f"#{position} {status}",
+                    status,
+                    f"worker {slot.pid}",
+                    start_s,
+                    slot.wall_s,
+                    label=str(position),
+                    args=args,
+                )
+            )
 
 
 def call_command(
@@ -330,30 +499,56 @@ def call_command(
     timeout: float | None = None,
     keep_going: bool = False,
     progress: bool = False,
+    job_timeout: float | None = None,
+    retries: int = 0,
+    report: ReportFile | None = None,
+    done: dict[int, Any] | None = None,
+    trace: TextIO | None = None,
 ) -> int:
-    """Run ``alloter-mp call``: read stdin, call, write stdout; return the exit status."""
+    """Run ``alloter-mp call``: read stdin, call, write stdout; return the exit status.
+
+    ``done`` (``--resume``) maps the hash of :func:`report_key` of inputs that already
+    succeeded to their result's JSON text: those are written without a call.
+    """
     try:
         target = parse_target(target_text)
         resolve(target)
-        values = read_values(sys.stdin.buffer)
+        inputs = [_Input(number, value) for number, value in read_values(sys.stdin.buffer)]
     except UsageError as exc:
         sys.stderr.write(f"{_PREFIX}: error: {exc}\n")
         return 2
-    if not values:
+    if done:
+        for item in inputs:
+            item.replay = done.get(hash((target_text, _canonical(item.value))))
+    if not inputs:
         return 0
 
-    from alloter_mp import ExecTimeout, ProcessAlloter
+    from alloter_mp import ProcessAlloter
 
     restore = _raise_on_sigterm()
-    out = _Output(len(values), progress)
+    out = _Output(len(inputs), progress)
     try:
-        with ProcessAlloter(limit, timeout=None if keep_going else timeout) as alloter:
-            if keep_going:
-                return _keep_going(alloter, target, values, out, timeout)
-            return _fail_fast(alloter, target, values, out)
-    except ExecTimeout:
-        out.error(f"{_PREFIX}: timed out after {timeout:g} s")
-        return 124
+        with ProcessAlloter(
+            limit,
+            timeout=timeout,
+            task_timeout=job_timeout,
+            retries=retries,
+            # As GNU parallel's --retries: whatever made a call fail, try it again.
+            retry_on=(Exception,),
+        ) as alloter:
+            calls = _Calls(
+                alloter,
+                target,
+                target_text,
+                inputs,
+                out,
+                keep_going=keep_going,
+                timeout=timeout,
+                job_timeout=job_timeout,
+                report=report,
+                trace=trace,
+            )
+            return calls.run()
     except _Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:

@@ -1,32 +1,40 @@
-"""The engine of ``alloter-mp run``: one command per input, with a limit.
+"""The engine of ``alloter-mp run``: the third runner behind the batch rules.
 
-Everything happens on one thread, in one event loop::
+The rules of a run (the first failure ends it, ``--keep-going``, ``--retries``, a
+job's own ``--job-timeout``, the ``--timeout`` of the whole run, what is skipped and
+how each job ends) are :class:`~alloter_mp._batch.Batch`'s, as for ``exec`` on the
+worker pool or on Ray. Each input is a slot of one open batch; this module starts
+a process for each slot the batch hands out, reports facts to the batch (the job
+exited 0, exited with status N, was killed, could not be started) and acts on what
+the batch decides: once it is ``ending``, every running job is ended (SIGTERM to
+its process group, SIGKILL at ``grace_deadline``, through :mod:`._proctree`); a
+slot ``ended_alone`` (its job timeout passed) is ended the same way on its own.
 
-    inputs (stdin lines or ::: args) -> jobs, all known before the first one starts
+Everything happens on the main thread, in one selector loop::
+
+    inputs (stdin records as they arrive, or ::: args) -> slots of the open batch,
+        read only while few slots wait, so an endless input costs flat memory
     loop:
-      start queued jobs in input order while fewer than ``limit`` run
-      select() on: every job's stdout/stderr pipe, every job's pidfd (its exit),
-                   the signal wake-up pipe; timeout = nearest of the overall
-                   deadline, a kill escalation, the RSS sampling tick
-      pipe data     -> the job's own buffer (or straight out, if it holds the output)
-      job exited    -> reap it (os.wait4), drain its pipes, settle its status
-      first failure -> end the running jobs, skip the queued ones
-      deadline      -> the same, status "timeout", exit 124
-      SIGINT/TERM   -> the same, exit 128 + signal
+      start a job for each slot the batch hands out, at most ``limit`` at once
+      select() on: stdin, every job's stdout/stderr pipe and pidfd (its exit),
+                   the signal wake-up pipe; timeout = the nearest timer (the
+                   deadline, a job timeout, a kill escalation, the RSS sampling)
+      pipe data   -> the output writer (:mod:`._cli_output`): never interleaved
+      job exited  -> reap it, drain its pipes, tell the batch
+      then act on the batch: end the running jobs if it is ending, end a job
+      whose timeout passed, escalate to SIGKILL when a grace is over
+      SIGINT/TERM/HUP -> cancel the batch (a second one: SIGKILL at once)
 
-A job runs in a session of its own, so "ending a job" means its whole process
-group: SIGTERM, then SIGKILL after ``grace`` seconds to whatever is left (and to
-descendants that moved to groups of their own, found with psutil beforehand).
-
-Output never interleaves: by default it is written in input order, the job at
-the head of that order streaming live while later jobs wait in memory; with
-``ordered=False`` each job's output is written whole when it ends.
+A job runs in a session of its own, so ending a job means its whole process group,
+and descendants that moved to groups of their own (found with psutil first). What a
+failed job leaves running in its group is ended too; what a job that succeeded
+leaves running is not touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import heapq
 import os
 import resource
 import selectors
@@ -35,22 +43,37 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, TextIO
 
 import psutil
 
-from ._errors import signal_name
+from . import _proctree
+from ._batch import Batch, Slot
+from ._cli_output import STDERR, STDOUT, OutputWriter
+from ._cli_report import ReportFile, job_status
+from ._errors import Cancelled, TaskError, TaskTimeout, signal_name
+from ._options import CallOptions
+from ._states import FINAL, EndKind, TaskStatus
+from ._timeline import Span, TraceWriter
 
-__all__ = ["PLACEHOLDER", "RunOptions", "build_argv", "read_inputs", "run_jobs"]
+__all__ = [
+    "PLACEHOLDER",
+    "RunOptions",
+    "build_argv",
+    "resume_key",
+    "run_jobs",
+    "split_inputs",
+]
 
 PLACEHOLDER = "{}"
 """The text in a command's arguments that is replaced by the job's input."""
 
 _SAMPLE_EVERY = 0.05  # seconds between RSS samples of the running jobs' trees
 _RECHECK_EVERY = 0.05  # seconds between checks that an ended job's group is gone
-_STDOUT, _STDERR = 1, 2
+_READ_SIZE = 65536  # bytes read from stdin at a time
 _RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB else
 
 
@@ -67,66 +90,115 @@ def split_inputs(data: bytes, *, null: bool = False) -> list[str]:
     A final separator does not start an empty item; a ``\\r`` before ``\\n`` is
     dropped. Bytes that are not UTF-8 survive the round trip to argv.
     """
-    sep = b"\0" if null else b"\n"
-    if not data:
-        return []
-    parts = data.split(sep)
-    if parts[-1] == b"":
-        parts.pop()
-    if not null:
-        parts = [p[:-1] if p.endswith(b"\r") else p for p in parts]
-    return [os.fsdecode(p) for p in parts]
+    records, rest = _records(data, null)
+    if rest:
+        records.append(_item(rest, null))
+    return records
 
 
-def read_inputs(stream: BinaryIO, *, null: bool = False) -> list[str]:
-    """Read every item from ``stream`` (see :func:`split_inputs`)."""
-    return split_inputs(stream.read(), null=null)
+def _records(data: bytes, null: bool) -> tuple[list[str], bytes]:
+    """The whole records in ``data``, and the unfinished rest."""
+    parts = data.split(b"\0" if null else b"\n")
+    rest = parts.pop()
+    return [_item(p, null) for p in parts], rest
+
+
+def _item(raw: bytes, null: bool) -> str:
+    if not null and raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return os.fsdecode(raw)
+
+
+def resume_key(item: str, argv: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """What ``--resume`` compares: the input and the command it made."""
+    return item, tuple(argv)
 
 
 @dataclass
 class RunOptions:
-    """What ``alloter-mp run`` was asked to do (already validated)."""
+    """What ``alloter-mp run`` was asked to do (already validated).
+
+    ``inputs`` are the ``:::`` arguments; ``None`` reads records from ``stdin`` as
+    they arrive. ``done`` holds the hashes of :func:`resume_key` for inputs that
+    already succeeded (``--resume``): they are not run again.
+    """
 
     command: list[str]
-    inputs: list[str]
+    inputs: Iterable[str] | None
     limit: int
+    stdin: BinaryIO | None = None
+    null: bool = False
     timeout: float | None = None
+    job_timeout: float | None = None
+    retries: int = 0
     keep_going: bool = False
     progress: bool = False
-    report: TextIO | None = None
+    report: ReportFile | None = None
+    done: dict[int, Any] | None = None
+    trace: TextIO | None = None
     grace: float = 1.0
     ordered: bool = True
 
 
+class JobFailed(TaskError):
+    """A job exited with a non-zero status, or died by a signal it was not sent."""
+
+    def __init__(self, index: int, returncode: int) -> None:
+        super().__init__(index, f"the command ended with {describe(returncode)}")
+        self.returncode = returncode
+
+
+class NotRun(TaskError):
+    """A job's command could not be started (``status``: 127 not found, 126 else)."""
+
+    def __init__(self, index: int, status: int, why: str) -> None:
+        super().__init__(index, why)
+        self.status = status
+
+
+@dataclass(eq=False)
+class _Ending:
+    """A process group being ended: SIGTERM sent, SIGKILL due at ``kill_at``."""
+
+    pgid: int
+    extras: list[psutil.Process]
+    kill_at: float
+    reaped: bool = False  # its leader has been reaped (what is left may linger)
+    killed: bool = False
+    give_up_at: float = 0.0
+
+
 @dataclass(eq=False)
 class _Job:
-    index: int
+    """One input: its command, and the process of its current attempt."""
+
+    position: int  # in the input
     input: str
     argv: list[str]
-    state: str = "queued"  # queued -> running -> done, or queued -> skipped
-    status: str | None = None
+    slot: Slot | None = None
     pid: int = 0
     pidfd: int | None = None
     popen: subprocess.Popen[bytes] | None = None
     pipes: dict[int, tuple[int, IO[bytes]]] = field(default_factory=dict)  # fd -> (1|2, pipe)
-    chunks: list[tuple[int, bytes]] = field(default_factory=list)
+    lane: int = 0
     started: float = 0.0
     ended: float = 0.0
     returncode: int | None = None
     peak_rss: int = 0
-    ending: str | None = None  # "killed" / "timeout" once we decided to end it
-    spawn_error: bool = False
+    ending: _Ending | None = None  # we are ending this attempt
+    not_run: int = 0  # 126/127: the command could not be started
+    timed_out: bool = False  # its own --job-timeout ended the last attempt
 
 
-@dataclass(eq=False)
-class _Kill:
-    """A process group being ended: SIGTERM sent, SIGKILL due at ``deadline``."""
+@dataclass
+class _Failure:
+    """What the summary line and the exit status need of a failed job."""
 
-    pgid: int
-    job: _Job
-    extras: list[psutil.Process]
-    deadline: float
-    escalated: bool = False
+    position: int
+    input: str
+    status: int  # the tool's exit status if this failure decides it
+    how: str
+    not_run: bool
 
 
 def exit_status(returncode: int) -> int:
@@ -147,36 +219,106 @@ def _short(text: str, most: int = 60) -> str:
     return repr(text if len(text) <= most else text[: most - 3] + "...")
 
 
-class _Runner:
-    """One ``run`` invocation: the jobs, the loop, the output and the outcome."""
+class _Input:
+    """The inputs as they arrive: ``:::`` arguments, or records read from stdin."""
+
+    def __init__(self, items: Iterable[str] | None, stream: BinaryIO | None, null: bool) -> None:
+        self._items: Iterator[str] | None = None if items is None else iter(items)
+        self.fd: int | None = None
+        self.ended = False
+        self._null = null
+        self._rest = b""
+        self._stream = stream
+        if items is None:
+            assert stream is not None
+            try:
+                self.fd = stream.fileno()
+            except (OSError, ValueError, AttributeError):
+                self.fd = None  # not a real file (a test's BytesIO): read it whole
+
+    def pull(self, most: int) -> list[str]:
+        """Some more items (``[]`` with :attr:`ended` set at the end of the input)."""
+        if self._items is not None:
+            taken = [item for _, item in zip(range(most), self._items, strict=False)]
+            self.ended = len(taken) < most
+            return taken
+        if self.fd is None:
+            assert self._stream is not None
+            self.ended = True
+            return split_inputs(self._stream.read(), null=self._null)
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.ended = True
+            rest, self._rest = self._rest, b""
+            return [_item(rest, self._null)] if rest else []
+        records, self._rest = _records(self._rest + data, self._null)
+        return records
+
+
+class _Engine:
+    """One ``run`` invocation: the batch, the jobs, the loop and the outcome."""
 
     def __init__(self, opts: RunOptions, out: BinaryIO, err: BinaryIO) -> None:
         self.opts = opts
-        self.out = out
-        self.err = err
-        self.jobs = [
-            _Job(i, item, build_argv(opts.command, item)) for i, item in enumerate(opts.inputs)
-        ]
-        self.queue: Iterator[_Job] = iter(self.jobs)
-        self.next_job: _Job | None = next(self.queue, None)
+        now = time.monotonic()
+        self.t0 = now
+        options = CallOptions.checked(
+            task_timeout=opts.job_timeout,
+            cancel_grace=opts.grace,
+            retries=opts.retries,
+            # A job that fails by itself or passes its job timeout is tried again;
+            # one whose command cannot be started is not.
+            retry_on=(JobFailed, TaskTimeout),
+        )
+        self.batch = Batch(
+            [],
+            deadline=None if opts.timeout is None else now + opts.timeout,
+            options=options,
+            keep_going=opts.keep_going,
+            open_input=True,
+            forget_settled=True,  # an endless input must not pile up settled slots
+        )
+        self.batch.started_at = now
+        self.batch.on_slot_done = self._slot_done
+        self.input = _Input(opts.inputs, opts.stdin, opts.null)
+        total = None
+        if isinstance(opts.inputs, Sequence) and not opts.done:
+            total = len(opts.inputs)
+        self.writer = OutputWriter(
+            out, err, ordered=opts.ordered, progress=opts.progress, total=total
+        )
+        self.trace = None if opts.trace is None else TraceWriter(opts.trace, "alloter-mp run")
+        self.jobs: dict[int, _Job] = {}  # slot index -> job, until it has settled
         self.running: dict[int, _Job] = {}  # pid -> job
-        self.kills: list[_Kill] = []
+        self.endings: list[_Ending] = []
+        self.pending: deque[str] = deque()  # inputs read, not yet slots
+        self.read_ahead = max(64, 2 * opts.limit)
+        self.positions = 0  # inputs seen
+        self.appended = 0  # inputs that became slots
+        self.resumed = 0  # inputs not run: done already (--resume)
+        self.lanes: list[int] = []  # free job slots (a heap), for the trace
+        self.next_lane = 1
         self.sel = selectors.DefaultSelector()
-        self.head = 0  # the first job whose output is not fully written
-        self.stop: str | None = None  # "failed", "timeout", "signal", "broken-pipe"
+        self.stdin_registered = False
+        self.stdin_always_ready = False
+        self.signals: list[int] = []
         self.stop_signal = 0
-        self.first_failure: _Job | None = None
+        self.interrupted = False
+        self.hurry = False  # asked twice: no more grace
+        self.input_closed = False
+        self.deciding: _Failure | None = None  # the failure that ended the batch
+        self.first_in_order: _Failure | None = None  # keep-going: the first failed input
         self.failed = 0
         self.ended_by_us = 0
         self.skipped = 0
         self.messages: set[str] = set()
-        self.signals: list[int] = []
-        self.deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
         self.next_sample = 0.0
         self.use_pidfd = hasattr(os, "pidfd_open")
-        self.out_broken = False
-        self.err_broken = False
-        self.bar: Any = None
 
     # -- the loop ---------------------------------------------------------------
 
@@ -186,10 +328,6 @@ class _Runner:
         os.set_blocking(wake_w, False)
         self.sel.register(wake_r, selectors.EVENT_READ, None)
         restore = self._install_signals(wake_w)
-        if self.opts.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(self.jobs), unit="job", file=sys.stderr, dynamic_ncols=True)
         try:
             self._loop(wake_r)
         finally:
@@ -200,40 +338,46 @@ class _Runner:
                 self.sel.close()
                 os.close(wake_r)
                 os.close(wake_w)
-                if self.bar is not None:
-                    self.bar.close()
-        for job in self.jobs:  # normally all written already
-            self._write_chunks(job)
-        self._write_report()
+                self.writer.finish()
+                if self.trace is not None:
+                    self.trace.close()
         self._summarise()
         return self._exit_code()
 
     def _loop(self, wake_r: int) -> None:
+        batch = self.batch
         while True:
+            self._feed()
             self._start_jobs()
-            if not self.running and not self.kills and (self.stop or self.next_job is None):
+            if batch.settled.is_set() and not self.running and not self.endings:
                 return
-            timeout = self._next_timeout()
-            for key, _ in self.sel.select(timeout):
-                if key.data is None:
+            for key, _ in self.sel.select(self._next_timeout()):
+                data = key.data
+                if data is None:
                     with contextlib.suppress(OSError):
                         while os.read(wake_r, 512):
                             pass
-                    continue
-                job, fd = key.data
-                if fd is None:
-                    if job.pidfd is not None:
-                        self._try_reap(job)
-                elif fd in job.pipes:  # not closed by an earlier event of this round
-                    self._read(job, fd)
+                elif data == "stdin":
+                    self._read_input()
+                else:
+                    job, fd = data
+                    if fd is None:
+                        if job.pidfd is not None:
+                            self._try_reap(job)
+                    elif fd in job.pipes:  # not closed by an earlier event of this round
+                        self._read(job, fd)
+            if self.stdin_always_ready and self._wants_input():
+                self._read_input()
             self._handle_signals()
-            now = time.monotonic()
-            if self.deadline is not None and now >= self.deadline and not self.stop:
-                self._stop("timeout")
+            if self.writer.out_broken and not self.stop_signal:
+                self.stop_signal = signal.SIGPIPE
+                batch.cancel(Cancelled("the reader of the output went away"))
             if not self.use_pidfd:
                 for job in list(self.running.values()):
                     self._try_reap(job)
-            self._advance_kills(now)
+            now = time.monotonic()
+            self._check_timers(now)
+            self._act(now)
             if self.opts.report is not None and self.running and now >= self.next_sample:
                 self._sample_rss()
                 self.next_sample = now + _SAMPLE_EVERY
@@ -241,26 +385,103 @@ class _Runner:
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
         soon: list[float] = []
-        if self.deadline is not None and not self.stop:
-            soon.append(self.deadline)
-        for kill in self.kills:
-            soon.append(kill.deadline if not kill.escalated else now + _RECHECK_EVERY)
-        if self.kills or (self.running and not self.use_pidfd):
+        batch = self.batch
+        if not batch.ending:
+            if batch.deadline is not None:
+                soon.append(batch.deadline)
+            ready = batch.next_ready_at()
+            if ready is not None:
+                soon.append(ready)
+            if batch.task_timeout is not None:
+                for job in self.running.values():
+                    if job.ending is None:
+                        soon.append(job.started + batch.task_timeout)
+        for ending in self.endings:
+            soon.append(ending.kill_at if not ending.killed else now + _RECHECK_EVERY)
+            if ending.reaped:
+                soon.append(now + _RECHECK_EVERY)
+        if self.running and not self.use_pidfd:
             soon.append(now + _RECHECK_EVERY)
         if self.opts.report is not None and self.running:
             soon.append(self.next_sample)
+        if self.stdin_always_ready and self._wants_input():
+            soon.append(now)
         return max(0.0, min(soon) - now) if soon else None
+
+    # -- input ------------------------------------------------------------------------
+
+    def _wants_input(self) -> bool:
+        return (
+            not self.input.ended and not self.batch.ending and len(self.pending) < self.read_ahead
+        )
+
+    def _read_input(self) -> None:
+        if not self._wants_input():
+            return
+        self.pending.extend(self.input.pull(self.read_ahead))
+
+    def _feed(self) -> None:
+        """Turn read inputs into slots while few slots wait; watch stdin as needed."""
+        batch = self.batch
+        if self.input.fd is None and self._wants_input():
+            self._read_input()  # a list, or a stream without a descriptor: never waits
+        while self.pending and not batch.ending and batch.queued_count() < self.opts.limit:
+            item = self.pending.popleft()
+            position = self.positions
+            self.positions += 1
+            argv = build_argv(self.opts.command, item)
+            if self.opts.done and hash(resume_key(item, argv)) in self.opts.done:
+                self.resumed += 1
+                continue
+            index = batch.append(None)
+            if index is None:  # the batch has ended
+                break
+            self.appended += 1
+            self.jobs[index] = _Job(position, item, argv)
+            self.writer.open(index)
+        if self.input.ended and not self.pending and not self.input_closed:
+            self.input_closed = True
+            batch.close_input()
+            self.writer.set_total(self.appended)
+        elif batch.ending:
+            self.pending.clear()
+        if self.input.fd is not None and not self.stdin_always_ready:
+            self._watch_stdin(self._wants_input())
+
+    def _watch_stdin(self, wanted: bool) -> None:
+        fd = self.input.fd
+        assert fd is not None
+        if wanted and not self.stdin_registered:
+            try:
+                self.sel.register(fd, selectors.EVENT_READ, "stdin")
+            except (PermissionError, ValueError, OSError):
+                # A regular file cannot be waited for (and never has to be).
+                self.stdin_always_ready = True
+                return
+            self.stdin_registered = True
+        elif not wanted and self.stdin_registered:
+            self.sel.unregister(fd)
+            self.stdin_registered = False
 
     # -- starting and settling jobs -------------------------------------------------
 
     def _start_jobs(self) -> None:
-        while self.next_job is not None and not self.stop and len(self.running) < self.opts.limit:
-            job = self.next_job
-            self.next_job = next(self.queue, None)
-            self._spawn(job)
+        batch = self.batch
+        while len(self.running) < self.opts.limit and not batch.ending:
+            taken = batch.take(1)
+            if not taken:
+                return
+            slot = taken[0]
+            job = self.jobs[slot.index]
+            job.slot = slot
+            self._spawn(job, slot)
 
-    def _spawn(self, job: _Job) -> None:
+    def _spawn(self, job: _Job, slot: Slot) -> None:
         job.started = time.monotonic()
+        job.returncode = None
+        job.ending = None
+        job.timed_out = False
+        job.peak_rss = 0
         try:
             proc = subprocess.Popen(
                 job.argv,
@@ -274,15 +495,18 @@ class _Runner:
                 code, why = 127, "command not found"
             else:  # as shells do: found but could not be run
                 code, why = 126, exc.strerror or str(exc)
-            self._note(job, f"alloter-mp: {job.argv[0]}: {why}\n")
-            job.spawn_error = True
-            job.state = "running"
-            self._settle(job, code)
+            self._note(slot.index, f"alloter-mp: {job.argv[0]}: {why}\n")
+            job.not_run = code
+            job.returncode = code
+            job.ended = time.monotonic()
+            self.batch.task_failed(slot, NotRun(slot.index, code, why))
             return
-        job.popen, job.pid, job.state = proc, proc.pid, "running"
+        job.popen, job.pid = proc, proc.pid
         self.running[job.pid] = job
+        job.lane = heapq.heappop(self.lanes) if self.lanes else self._new_lane()
+        self.batch.started(slot, job.started)
         assert proc.stdout is not None and proc.stderr is not None
-        for stream, target in ((proc.stdout, _STDOUT), (proc.stderr, _STDERR)):
+        for stream, target in ((proc.stdout, STDOUT), (proc.stderr, STDERR)):
             fd = stream.fileno()
             os.set_blocking(fd, False)
             job.pipes[fd] = (target, stream)
@@ -298,6 +522,10 @@ class _Runner:
             with contextlib.suppress(psutil.Error):
                 job.peak_rss = psutil.Process(job.pid).memory_info().rss
 
+    def _new_lane(self) -> int:
+        self.next_lane += 1
+        return self.next_lane - 1
+
     def _read(self, job: _Job, fd: int) -> bool:
         """Move what the pipe holds to the job's output; False once it is empty."""
         try:
@@ -309,7 +537,8 @@ class _Runner:
         if not data:
             self._close_pipe(job, fd)
             return False
-        self._emit(job, job.pipes[fd][0], data)
+        assert job.slot is not None
+        self.writer.write(job.slot.index, job.pipes[fd][0], data)
         return True
 
     def _close_pipe(self, job: _Job, fd: int) -> None:
@@ -332,8 +561,10 @@ class _Runner:
                 job.peak_rss = max(job.peak_rss, peak)
         returncode = os.waitstatus_to_exitcode(status)
         del self.running[job.pid]
+        heapq.heappush(self.lanes, job.lane)
         if job.popen is not None:
             job.popen.returncode = returncode  # reaped by us, not by Popen
+            job.popen = None
         if job.pidfd is not None:
             self.sel.unregister(job.pidfd)
             os.close(job.pidfd)
@@ -348,87 +579,177 @@ class _Runner:
         self._settle(job, returncode)
 
     def _settle(self, job: _Job, returncode: int) -> None:
+        """The job's process is gone: tell the batch what happened to it."""
+        slot = job.slot
+        assert slot is not None
         job.ended = time.monotonic()
         job.returncode = returncode
-        job.state = "done"
-        if job.ending:
-            job.status = job.ending
+        job.timed_out = slot.ended_alone is TaskStatus.TIMEOUT
+        ending = job.ending
+        if ending is not None:
+            ending.reaped = True
+        elif returncode != 0:  # what it left running in its group goes with it
+            self._end_group(job.pid, [], time.monotonic() + self.opts.grace, reaped=True)
+        batch = self.batch
+        if ending is not None:
+            batch.task_killed(slot)
         elif returncode == 0:
-            job.status = "ok"
+            batch.task_returned(slot, 0)
         else:
-            job.status = "failed"
+            batch.task_failed(slot, JobFailed(slot.index, returncode))
+        if self.trace is not None:
+            if slot.status in FINAL:
+                status = job_status(slot.status)
+            else:  # it will be tried again: this attempt failed
+                status = "timeout" if job.timed_out else "failed"
+            self._trace(job, slot, status)
+        job.ending = None
+
+    def _trace(self, job: _Job, slot: Slot, status: str) -> None:
+        assert self.trace is not None
+        args: dict[str, Any] = {
+            "index": job.position,
+            "input": job.input,
+            "command": job.argv,
+            "exit_code": job.returncode,
+            "pid": job.pid,
+            "attempt": slot.attempts,
+        }
+        self.trace.add(
+            Span(
+                f"#{job.position} {status}: {_short(job.input, 40)[1:-1]}",
+                status,
+                f"job slot {job.lane}",
+                job.started - self.t0,
+                job.ended - job.started,
+                label=str(job.position),
+                args=args,
+            )
+        )
+
+    # -- what the batch decided -----------------------------------------------------
+
+    def _slot_done(self, slot: Slot) -> None:
+        """A slot has settled (from the batch, on this thread): count it, report it."""
+        job = self.jobs.pop(slot.index)
+        status = slot.status
+        ran = job.returncode is not None
+        failure: _Failure | None = None
+        if status in (TaskStatus.ERROR, TaskStatus.CRASHED) or (
+            status is TaskStatus.TIMEOUT and job.timed_out
+        ):
+            failure = self._failure(job)
             self.failed += 1
-            if self.first_failure is None or (
-                self.opts.keep_going and job.index < self.first_failure.index
-            ):
-                self.first_failure = job
-            if not self.opts.keep_going and not self.stop:
-                self._stop("failed")
-            if job.pid:  # what it left running in its group goes with it
-                self._end_group(job, already_reaped=True)
-        if self.bar is not None:
-            self.bar.update(1)
-            if self.failed:
-                self.bar.set_postfix(failed=self.failed, refresh=False)
-        self._job_output_done(job)
-
-    # -- ending jobs ----------------------------------------------------------------
-
-    def _stop(self, why: str) -> None:
-        """End the batch: running jobs are ended, queued ones are skipped."""
-        self.stop = why
-        ending = "timeout" if why == "timeout" else "killed"
-        for job in list(self.running.values()):
-            if job.ending is None:
-                job.ending = ending
-                self.ended_by_us += 1
-                self._end_group(job, already_reaped=False)
-        while self.next_job is not None:
-            job = self.next_job
-            self.next_job = next(self.queue, None)
-            job.state = job.status = "skipped"
+            if self.first_in_order is None or job.position < self.first_in_order.position:
+                self.first_in_order = failure
+            if slot.error is not None and slot.error is self.batch.outcome:
+                self.deciding = failure
+        elif status is TaskStatus.SKIPPED:
             self.skipped += 1
-            if self.bar is not None:
-                self.bar.update(1)
+        self.writer.tick(failed=failure is not None)
+        report = self.opts.report
+        if report is None:
+            self.writer.close_job(slot.index)
+            return
+        line = {
+            "index": job.position,
+            "input": job.input,
+            "command": job.argv,
+            "status": job_status(status),
+            "exit_code": job.returncode if ran else None,
+            "wall_s": round(job.ended - job.started, 6) if ran else 0.0,
+            "peak_rss": job.peak_rss if ran else 0,
+            "attempts": slot.attempts,
+        }
+        self.writer.close_job(slot.index, lambda: report.write(line))
 
-    def _end_group(self, job: _Job, *, already_reaped: bool) -> None:
-        pgid = job.pid
-        extras: list[psutil.Process] = []
-        if not already_reaped:
-            with contextlib.suppress(psutil.Error):
-                extras = psutil.Process(job.pid).children(recursive=True)
-        if not _signal_group(pgid, signal.SIGTERM, extras) and already_reaped:
-            return  # nothing was left of it
-        self.kills.append(_Kill(pgid, job, extras, time.monotonic() + self.opts.grace))
-        if self.opts.grace <= 0:
-            self._advance_kills(time.monotonic())
+    def _failure(self, job: _Job) -> _Failure:
+        if job.timed_out:
+            how = f"ran longer than --job-timeout {self.opts.job_timeout:g} s"
+            return _Failure(job.position, job.input, 124, how, False)
+        if job.not_run:
+            return _Failure(job.position, job.input, job.not_run, "could not be run", True)
+        rc = job.returncode
+        assert rc is not None
+        return _Failure(job.position, job.input, exit_status(rc) or 1, describe(rc), False)
 
-    def _advance_kills(self, now: float) -> None:
-        for kill in list(self.kills):
-            if not kill.escalated and now >= kill.deadline:
-                _signal_group(kill.pgid, signal.SIGKILL, kill.extras)
-                kill.escalated = True
-                kill.deadline = now + max(1.0, self.opts.grace)  # how long we wait for it to go
-            if kill.job.state == "running":
+    def _check_timers(self, now: float) -> None:
+        batch = self.batch
+        if batch.ending:
+            return
+        if batch.deadline is not None and now >= batch.deadline:
+            batch.expire()
+            return
+        if batch.task_timeout is not None:
+            for job in list(self.running.values()):
+                if job.ending is None and now >= job.started + batch.task_timeout:
+                    # The batch decides; _act then ends it as the batch says.
+                    assert job.slot is not None
+                    batch.end_task(job.slot, TaskStatus.TIMEOUT)
+
+    def _act(self, now: float) -> None:
+        """End what the batch says must end; escalate to SIGKILL when a grace is over."""
+        batch = self.batch
+        if batch.ending:
+            grace = batch.grace_deadline
+            assert grace is not None
+            for job in self.running.values():
+                if job.ending is None:
+                    self.ended_by_us += 1
+                    job.ending = self._end_group(job.pid, None, grace)
+        elif batch.alone:
+            for job in self.running.values():
+                slot = job.slot
+                if job.ending is None and slot is not None and slot.ended_alone is not None:
+                    job.ending = self._end_group(job.pid, None, slot.ended_at + self.opts.grace)
+        self._advance_endings(now)
+
+    def _end_group(
+        self, pgid: int, extras: list[psutil.Process] | None, kill_at: float, reaped: bool = False
+    ) -> _Ending:
+        """SIGTERM the group (and ``extras``, by default its leader's descendants)."""
+        if extras is None:
+            extras = _proctree.descendants(pgid)
+        if self.hurry:
+            kill_at = time.monotonic()
+        ending = _Ending(pgid, extras, kill_at, reaped=reaped)
+        if _proctree.signal_group(pgid, signal.SIGTERM, extras) or not reaped:
+            self.endings.append(ending)
+            if kill_at <= time.monotonic():
+                self._advance_endings(time.monotonic())
+        return ending
+
+    def _advance_endings(self, now: float) -> None:
+        for ending in list(self.endings):
+            if not ending.killed and now >= ending.kill_at:
+                _proctree.signal_group(ending.pgid, _proctree.SIGKILL, ending.extras)
+                ending.killed = True
+                ending.give_up_at = now + max(1.0, self.opts.grace)  # how long we wait for it
+            if not ending.reaped:
                 continue
-            gone = not _group_alive(kill.pgid) and not any(_alive(p) for p in kill.extras)
-            if gone or (kill.escalated and now >= kill.deadline):
-                self.kills.remove(kill)
+            gone = not _proctree.group_alive(ending.pgid) and not _proctree.any_alive(ending.extras)
+            if gone or (ending.killed and now >= ending.give_up_at):
+                self.endings.remove(ending)
 
     def _abandon(self) -> None:
         """Leave nothing behind, whatever made the loop end."""
         for job in list(self.running.values()):
-            _signal_group(job.pid, signal.SIGKILL, [])
+            _proctree.signal_group(job.pid, _proctree.SIGKILL, [])
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(job.pid, 0)
             if job.popen is not None:
                 job.popen.returncode = -signal.SIGKILL
-        for kill in self.kills:
-            _signal_group(kill.pgid, signal.SIGKILL, kill.extras)
+            for fd in list(job.pipes):
+                self._close_pipe(job, fd)
+        for ending in self.endings:
+            _proctree.signal_group(ending.pgid, _proctree.SIGKILL, ending.extras)
+        if not self.batch.settled.is_set():
+            self.batch.cancel(Cancelled("the run was abandoned"))
+            self.batch.abandon()
 
     # -- signals ----------------------------------------------------------------------
 
-    def _install_signals(self, wake_w: int) -> Any:
+    def _install_signals(self, wake_w: int) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous: dict[int, Any] = {}
@@ -454,13 +775,16 @@ class _Runner:
     def _handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
-            if not self.stop:
+            if not self.interrupted and not self.batch.ending:
+                self.interrupted = True
                 self.stop_signal = signum
-                self._stop("signal")
+                self.batch.cancel(Cancelled(f"interrupted by {signal_name(signum)}"))
             else:  # asked again: do not wait for the grace period
-                for kill in self.kills:
-                    kill.deadline = min(kill.deadline, time.monotonic())
-                self._advance_kills(time.monotonic())
+                now = time.monotonic()
+                for ending in self.endings:
+                    ending.kill_at = min(ending.kill_at, now)
+                self.hurry = True
+                self._act(now)
 
     # -- memory -----------------------------------------------------------------------
 
@@ -487,157 +811,58 @@ class _Runner:
 
     # -- output -----------------------------------------------------------------------
 
-    def _note(self, job: _Job, message: str) -> None:
+    def _note(self, key: int, message: str) -> None:
         """A message of ours about a job, written with the job's stderr (once)."""
         if message not in self.messages:
+            if len(self.messages) >= 1000:  # an endless run: keep the set small
+                self.messages.clear()
             self.messages.add(message)
-            self._emit(job, _STDERR, message.encode())
-
-    def _emit(self, job: _Job, target: int, data: bytes) -> None:
-        if self.opts.ordered and job.index == self.head:
-            self._write(target, data)
-        else:
-            job.chunks.append((target, data))
-
-    def _job_output_done(self, job: _Job) -> None:
-        if self.opts.ordered:
-            self._flush_head()
-        else:
-            self._write_chunks(job)
-
-    def _flush_head(self) -> None:
-        while self.head < len(self.jobs):
-            job = self.jobs[self.head]
-            self._write_chunks(job)
-            if job.state not in ("done", "skipped"):
-                return  # it holds the output now: what it writes goes straight out
-            self.head += 1
-
-    def _write_chunks(self, job: _Job) -> None:
-        chunks, job.chunks = job.chunks, []
-        for target, data in chunks:
-            self._write(target, data)
-
-    def _write(self, target: int, data: bytes) -> None:
-        if self.bar is not None:
-            from tqdm import tqdm
-
-            with tqdm.external_write_mode(file=sys.stderr):
-                self._write_raw(target, data)
-        else:
-            self._write_raw(target, data)
-
-    def _write_raw(self, target: int, data: bytes) -> None:
-        if target == _STDOUT:
-            if self.out_broken:
-                return
-            try:
-                self.out.write(data)
-                self.out.flush()
-            except BrokenPipeError:
-                self.out_broken = True  # the reader went away: stop, as a pipeline would
-                if not self.stop:
-                    self.stop_signal = signal.SIGPIPE
-                    self._stop("broken-pipe")
-        elif not self.err_broken:
-            try:
-                self.err.write(data)
-                self.err.flush()
-            except BrokenPipeError:
-                self.err_broken = True
-
-    def _say(self, line: str) -> None:
-        self._write(_STDERR, f"alloter-mp: {line}\n".encode())
+            self.writer.write(key, STDERR, message.encode())
 
     # -- the outcome ------------------------------------------------------------------
 
     def _summarise(self) -> None:
+        say = self.writer.say
+        if self.resumed:
+            say(f"--resume: {self.resumed} input(s) already done, not run again")
         ended, skipped = self.ended_by_us, self.skipped
         tail = f"ended {ended} running job(s), skipped {skipped}"
-        if self.stop == "timeout":
-            self._say(f"timed out after {self.opts.timeout:g} s; {tail}")
-        elif self.stop == "signal":
-            self._say(f"interrupted by {signal.Signals(self.stop_signal).name}; {tail}")
-        elif self.stop == "failed" and self.first_failure is not None:
-            job = self.first_failure
-            if (ended or skipped) and not job.spawn_error:
-                self._say(f"input {_short(job.input)} failed ({describe(job.returncode)}); {tail}")
-        elif self.first_failure is not None and len(self.jobs) > 1:
-            job = self.first_failure
-            self._say(
-                f"{self.failed} of {len(self.jobs)} jobs failed; the first in input order: "
-                f"{_short(job.input)} ({describe(job.returncode)})"
+        kind = self.batch.end_kind
+        if self.stop_signal == signal.SIGPIPE:
+            return
+        if self.stop_signal:
+            say(f"interrupted by {signal.Signals(self.stop_signal).name}; {tail}")
+        elif kind is EndKind.TIMEOUT:
+            say(f"timed out after {self.opts.timeout:g} s; {tail}")
+        elif kind is EndKind.FAILURE and self.deciding is not None:
+            failure = self.deciding
+            if not failure.not_run and (ended or skipped or failure.status == 124):
+                say(f"input {_short(failure.input)} failed ({failure.how}); {tail}")
+        elif self.first_in_order is not None and (self.appended > 1 or self.failed > 1):
+            failure = self.first_in_order
+            say(
+                f"{self.failed} of {self.appended} jobs failed; the first in input order: "
+                f"{_short(failure.input)} ({failure.how})"
             )
+        elif self.first_in_order is not None and self.first_in_order.status == 124:
+            failure = self.first_in_order
+            say(f"input {_short(failure.input)} failed ({failure.how})")
 
     def _exit_code(self) -> int:
-        if self.stop == "timeout":
-            return 124
-        if self.stop in ("signal", "broken-pipe"):
+        if self.stop_signal:
             return 128 + self.stop_signal
-        if self.first_failure is not None and self.first_failure.returncode is not None:
-            return exit_status(self.first_failure.returncode) or 1
+        kind = self.batch.end_kind
+        if kind is EndKind.TIMEOUT:
+            return 124
+        if kind is EndKind.FAILURE and self.deciding is not None:
+            return self.deciding.status
+        if self.first_in_order is not None:
+            return self.first_in_order.status
         return 0
-
-    def _write_report(self) -> None:
-        report = self.opts.report
-        if report is None:
-            return
-        for job in self.jobs:
-            ran = job.state == "done"
-            line = {
-                "index": job.index,
-                "input": job.input,
-                "command": job.argv,
-                "status": job.status or "skipped",
-                "exit_code": job.returncode if ran else None,
-                "wall_s": round(job.ended - job.started, 6) if ran else 0.0,
-                "peak_rss": job.peak_rss,
-            }
-            report.write(json.dumps(line) + "\n")
-        report.flush()
-
-
-def _signal_group(pgid: int, sig: int, extras: list[psutil.Process]) -> bool:
-    """Send ``sig`` to process group ``pgid`` and to ``extras``; True if any was there."""
-    hit = False
-    try:
-        os.killpg(pgid, sig)
-        hit = True
-    except (ProcessLookupError, PermissionError):
-        pass
-    for proc in extras:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-            hit = True
-    return hit
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a living (not zombie) process is left in group ``pgid``."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # Zombies count for kill(): they wait for their (new) parent to reap them,
-    # which an init process may do late. Only the living matter here.
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (OSError, psutil.Error):
-            continue
-    return False
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def run_jobs(opts: RunOptions, out: BinaryIO | None = None, err: BinaryIO | None = None) -> int:
     """Run the jobs of ``opts``; return the tool's exit status."""
-    return _Runner(
+    return _Engine(
         opts, out if out is not None else sys.stdout.buffer, err or sys.stderr.buffer
     ).run()

@@ -2,7 +2,9 @@
 
 Every error here can be pickled and unpickled (they cross process boundaries in the
 command-line tool and in users' own code), so each one rebuilds itself from its
-fields through ``__reduce__`` rather than from ``args``.
+fields through ``__reduce__`` rather than from ``args``. A pickle names only the
+public class (``alloter_mp.TaskError``) and its ``_restore`` method, never a private
+module, so moving code between files never breaks a stored error.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __all__ = [
     "AlloterError",
     "Cancelled",
     "ExecTimeout",
+    "InitializerFailed",
     "MemoryLimitExceeded",
     "RemoteError",
     "SerializationError",
@@ -72,8 +75,14 @@ class TaskError(AlloterError):
     ``index`` is the task's position in the call, ``remote_traceback`` the worker's
     formatted traceback (``""`` when there is none, as for a crash), and
     ``__cause__`` the original exception when it could be rebuilt in the parent,
-    otherwise a :class:`RemoteError`.
+    otherwise a :class:`RemoteError`. With ``capture_output=True``, ``stdout`` and
+    ``stderr`` are what the task wrote to its descriptors 1 and 2 (the last 1 MiB
+    of each, as text); otherwise they are ``None``.
     """
+
+    # Set on the instance when the task's output was captured (so they pickle with it).
+    stdout: str | None = None
+    stderr: str | None = None
 
     def __init__(
         self,
@@ -95,7 +104,19 @@ class TaskError(AlloterError):
         return f"task {self.index}: {self.message}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.__dict__.copy()))
+        return (type(self)._restore, (self.__dict__.copy(),))
+
+    @classmethod
+    def _restore(cls, state: dict[str, Any]) -> Any:
+        return _rebuild(cls, state)
+
+
+class InitializerFailed(TaskError):
+    """The worker's initializer raised, so the task could not run there.
+
+    Not part of the public tree (it is a :class:`TaskError` to its users); it lets
+    an executor tell this failure apart, since it breaks the executor.
+    """
 
 
 class WorkerCrashed(TaskError):
@@ -173,7 +194,11 @@ class SerializationError(AlloterError):
         return f"task {self.index} cannot be pickled: {self.message}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.__dict__.copy()))
+        return (type(self)._restore, (self.__dict__.copy(),))
+
+    @classmethod
+    def _restore(cls, state: dict[str, Any]) -> Any:
+        return _rebuild(cls, state)
 
 
 def _rebuild(cls: type[BaseException], state: dict[str, Any]) -> BaseException:

@@ -2,8 +2,8 @@
 
 Besides the process, a handle carries the supervisor's bookkeeping for that worker:
 which tasks it holds (``pipeline``: ``(seq, slot)`` in the order it runs them), for
-which call (``run``), its shared words (:mod:`alloter_mp._words`), and why it is
-being killed. Only the supervisor thread changes a handle; ``stats()`` reads it
+which call (``run``), its shared words (:mod:`alloter_mp._words`), its log journal
+and capture files (``sight``, :mod:`alloter_mp._sight`), and why it is being killed. Only the supervisor thread changes a handle; ``stats()`` reads it
 from other threads.
 """
 
@@ -22,10 +22,11 @@ import psutil
 from . import _proctree, _threads, _transport, _words, _worker
 from ._batch import Slot
 from ._channel import channel_pair
+from ._sight import HandleSight
 from ._states import KillReason
 
 if TYPE_CHECKING:
-    from ._pool import PoolRun
+    from ._poolrun import PoolRun
 
 __all__ = ["KILL_ESCALATION", "WorkerHandle", "WorkerStats"]
 
@@ -67,6 +68,7 @@ class WorkerHandle:
         "sentinel",
         "seq",
         "shm_count",
+        "sight",
         "stopping",
         "tasks_done",
         "tree",
@@ -76,8 +78,9 @@ class WorkerHandle:
         "words_array",
     )
 
-    def __init__(self, proc: Any, conn: Any, words: Any) -> None:
+    def __init__(self, proc: Any, conn: Any, words: Any, sight: HandleSight) -> None:
         self.proc = proc
+        self.sight = sight
         self.pid: int = proc.pid
         self.conn = conn
         self.conn_open = True
@@ -124,15 +127,30 @@ class WorkerHandle:
         """
         parent_conn, child_conn = channel_pair(ctx)
         words = _words.new_words(ctx)
-        proc = ctx.Process(
-            target=_worker.worker_main,
-            args=(child_conn, words, lifeline_r, lifeline_w, init_payload, thread_env),
-            name=_threads.carrying_env("alloter_mp-worker", thread_env),
-            daemon=False,
-        )
-        proc.start()
-        child_conn.close()
-        return cls(proc, parent_conn, words)
+        sight = HandleSight()
+        try:
+            proc = ctx.Process(
+                target=_worker.worker_main,
+                args=(
+                    child_conn,
+                    words,
+                    lifeline_r,
+                    lifeline_w,
+                    init_payload,
+                    thread_env,
+                    sight.worker_args(),  # its files cross only while it starts
+                ),
+                name=_threads.carrying_env("alloter_mp-worker", thread_env),
+                daemon=False,
+            )
+            proc.start()
+        except BaseException:
+            sight.close()
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        return cls(proc, parent_conn, words, sight)
 
     def cap(self, wanted: int) -> int:
         """How many of ``wanted`` tasks it may still be sent."""
@@ -219,7 +237,8 @@ class WorkerHandle:
         return WorkerStats(self.pid, int(rss), float(cpu), self.tasks_done)
 
     def close(self) -> None:
-        """Release the pipe and the process object of a worker that has died."""
+        """Release the pipe, the files and the process object of a worker that has died."""
         self.conn.close()
+        self.sight.close()
         with contextlib.suppress(ValueError):
             self.proc.close()

@@ -170,6 +170,23 @@ class LogReceiver:
             self._last_gen = gen
         self.deliver(frames, position)
 
+    @property
+    def last_gen(self) -> int:
+        """The generation of the last journaled frames received (-1: none yet)."""
+        return self._last_gen
+
+    def unsent(self) -> int | None:
+        """The generation of the last frames the live worker wrote that have not been
+        received here, ``None`` when all were: those it journaled and has not sent
+        yet, else those it sent last (perhaps still in the pipe). They arrive in a
+        ``LOGS`` message of that generation (or, if the worker dies, by :meth:`recover`)."""
+        journal = self.journal
+        if journal is None or journal.fd < 0:
+            return None
+        gen, end = HEADER.unpack(os.pread(journal.fd, HEADER.size, 0))
+        last = gen if end > HEADER.size else gen - 1
+        return last if last > self._last_gen else None
+
     def recover(self, position: Callable[[int, int], int] | None = None) -> None:
         """Once the worker died and its pipe was read to the end: deliver the frames it
         had journaled but not sent."""
@@ -248,8 +265,13 @@ class LogReceiver:
         except Exception:  # not a class here, or one that wants other arguments
             message = UserWarning(f"{cat_name}: {text}")
         registry = self._registry(module or filename)
-        with contextlib.suppress(Warning):  # an "error" filter: the task had it too
+        try:
             warnings.warn_explicit(message, type(message), filename, lineno, module, registry)
+        except Warning:
+            # An "error" filter the worker did not apply (its category's module was
+            # not loaded there when the batch began): nothing can be raised in the
+            # task now, so the warning is shown rather than lost.
+            warnings.showwarning(message, type(message), filename, lineno)
 
     def _registry(self, module: str) -> dict[Any, Any]:
         # Where a warning issued here from that module is remembered, so that the

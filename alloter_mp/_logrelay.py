@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from ._anonfile import AnonFile
+from ._words import ITEM
 
 __all__ = ["LOGS", "Snapshot", "WorkerRelay"]
 
@@ -204,7 +205,7 @@ class WorkerRelay:
     ``conn.send_bytes``); ``None`` keeps the frames in memory until :meth:`take`
     (for an engine that returns them with the result, such as Ray). ``journal`` is
     the file the parent made for this worker (``LogReceiver.journal``), required
-    with ``send_bytes``. ``words`` are the worker's shared int64 words: ``words[1]``,
+    with ``send_bytes``. ``words`` are the worker's shared int64 words: ``words[ITEM]``,
     the offset of the item a chunk runs, travels with each frame beside
     :attr:`index`.
 
@@ -235,6 +236,8 @@ class WorkerRelay:
             self._flush_at = FLUSH_BYTES
         self._handler = _RelayHandler(self)
         self._snapshot: Snapshot | None = None
+        # Modules of the parent's warning categories not imported here (yet).
+        self._unloaded: frozenset[str] = frozenset()
         self._saved: _Saved | None = None
         self._root_level = logging.WARNING
         self._disable = 0
@@ -263,7 +266,7 @@ class WorkerRelay:
             self._install()
         elif self._handler not in logging.root.handlers:  # basicConfig(force=True) in a task
             logging.root.addHandler(self._handler)
-        if snap != self._snapshot:
+        if snap != self._snapshot or any(m in sys.modules for m in self._unloaded):
             self._apply(snap)
         self._apply_levels()  # a task may have changed them
 
@@ -289,6 +292,7 @@ class WorkerRelay:
         assert saved is not None
         self._saved = None
         self._snapshot = None
+        self._unloaded = frozenset()
         root = logging.root
         root.removeHandler(self._handler)
         for logger, handlers in saved.handlers:
@@ -322,11 +326,20 @@ class WorkerRelay:
             if name not in saved.levels:
                 saved.levels[name] = logging.getLogger(name).level
         entries = []
+        unloaded = set()
         for action, message, (cat_module, cat_name), module, lineno in filters:
-            category = find_class(cat_module, cat_name)
+            # Never imported for a filter (the parent's filters may name pytest's or a
+            # big library's categories): while its module is not loaded here, no
+            # warning of that category (or of a subclass) can be raised here either.
+            # A task that imports it gets the filter from its next batch on; until
+            # then the parent's own filters still decide whether it is shown.
+            category = find_class(cat_module, cat_name, load=False)
+            if category is None and cat_module not in sys.modules:
+                unloaded.add(cat_module)
             # A category that cannot be found here cannot be raised here either.
             if isinstance(category, type) and issubclass(category, Warning):
                 entries.append((action, message, category, module, lineno))
+        self._unloaded = frozenset(unloaded)
         _set_filters(entries, defaultaction)
 
     def _apply_levels(self) -> None:
@@ -368,7 +381,7 @@ class WorkerRelay:
             return False
         words = self._words
         try:
-            frame = encode_record(record, self.index, words[1] if words is not None else 0)
+            frame = encode_record(record, self.index, words[ITEM] if words is not None else 0)
         except Exception:  # a message that does not format: as any handler would
             self._handler.handleError(record)
             return False
@@ -392,7 +405,7 @@ class WorkerRelay:
             (
                 WARNING,
                 self.index,
-                words[1] if words is not None else 0,
+                words[ITEM] if words is not None else 0,
                 str(message),
                 category.__module__,
                 category.__qualname__,
@@ -507,10 +520,13 @@ def _set_filters(entries: Iterable[Any], defaultaction: str) -> None:
     setattr(warnings, "defaultaction", defaultaction)  # noqa: B010 - not in typeshed
 
 
-def find_class(module: str, qualname: str) -> Any:
-    """The object ``module.qualname``, importing its module if need be; ``None`` if absent."""
+def find_class(module: str, qualname: str, *, load: bool = True) -> Any:
+    """The object ``module.qualname``, importing its module if need be (and ``load``);
+    ``None`` if absent."""
     found: Any = sys.modules.get(module)
     if found is None:
+        if not load:
+            return None
         try:
             found = __import__(module, fromlist=["_"])
         except Exception:

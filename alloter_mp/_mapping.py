@@ -15,14 +15,35 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _task, _transport, _words
 from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
 
-if TYPE_CHECKING:
-    from ._calls import Caller, Launch
+
+class CallSteps(Protocol):
+    """What the imap feeder needs of the calls' machinery (``_calls.Caller``)."""
+
+    parallelism: int
+    shares: bool  # the runner sends a map's function once, as the blob (see split_map)
+
+    def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None: ...
+
+    def new_batch(
+        self,
+        payloads: list[Any],
+        ctx: Any,
+        *,
+        open_input: bool = False,
+        keep_going: bool = False,
+        chunked: bool = False,
+    ) -> Batch: ...
+
+    def launch(self, batch: Batch, ctx: Any, total: int | None) -> Any: ...
+
+    def finish(self, launch: Any) -> None: ...
+
 
 __all__ = ["Chunk", "imap"]
 
@@ -132,12 +153,14 @@ class Chunk:
         # per block, a failing item's offset marked on its exception.
         fn = self.fn
         items = self.items
+        state = _task.state
         out: list[Any] = []
         offset = 0
         try:
             for offset, item in enumerate(items):
                 if offset % _BLOCK == 0 and _task.cancelled():
                     raise Cancelled("the call was cancelled")
+                state.item = offset  # the item its log records name
                 out.append(fn(item))
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -203,7 +226,7 @@ def _auto_chunksize(length: int | None, workers: int) -> int | None:
 
 
 def imap(
-    caller: Caller,
+    caller: CallSteps,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any],
     chunksize: int | None,
@@ -223,7 +246,7 @@ class _Feeder:
 
     def __init__(
         self,
-        caller: Caller,
+        caller: CallSteps,
         fn: Callable[[Any], Any],
         items: Iterator[Any],
         size: int | None,
@@ -246,7 +269,7 @@ class _Feeder:
 
     def run(self) -> Iterator[Any]:
         batch = self.batch
-        launch: Launch | None = None
+        launch: Any = None
         try:
             if self.caller.shares:
                 # As for map: the function once (the blob), then each chunk's items.
@@ -289,6 +312,7 @@ class _Feeder:
                 return
             slot = self._next_done()
             if batch.outcome is not None:
+                batch.wait_logs()
                 raise batch.outcome
             if slot is None:
                 continue

@@ -22,6 +22,8 @@ __all__ = [
     "check_bytes",
     "check_chunksize",
     "check_count",
+    "check_errors",
+    "check_fn",
     "check_limit",
     "check_positive",
     "check_seconds",
@@ -103,6 +105,22 @@ def check_chunksize(value: Any) -> int | None:
     return value
 
 
+def check_errors(errors: object) -> bool:
+    """A bulk call's ``errors``: ``"raise"`` -> ``False``, ``"return"`` -> ``True``
+    (keep going)."""
+    if errors == "raise":
+        return False
+    if errors == "return":
+        return True
+    raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
+
+
+def check_fn(fn: object) -> None:
+    """A bulk call's function must be callable."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """The options that shape a call (not the workers); ``with_options`` replaces them."""
@@ -116,6 +134,8 @@ class CallOptions:
     memory_limit: int | None = None
     progress: bool = False
     share_threshold: int | None = SHARE_THRESHOLD
+    relay_logs: bool = True
+    capture_output: bool = False
 
     @classmethod
     def checked(cls, **values: Any) -> CallOptions:
@@ -177,4 +197,6 @@ _CHECKS: dict[str, Any] = {
     "memory_limit": lambda v: check_bytes("memory_limit", v),
     "progress": bool,
     "share_threshold": _share_threshold,
+    "relay_logs": bool,
+    "capture_output": bool,
 }

@@ -14,7 +14,7 @@ from . import _transport
 from ._batch import Batch, Slot
 from ._errors import TaskError
 
-__all__ = ["report_item", "report_outcome", "task_error_from"]
+__all__ = ["attach_output", "report_item", "report_outcome", "task_error_from"]
 
 
 def report_outcome(batch: Batch, slot: Slot, ok: bool, body: Any) -> None:
@@ -36,20 +36,36 @@ def report_outcome(batch: Batch, slot: Slot, ok: bool, body: Any) -> None:
     batch.task_failed(slot, task_error_from(slot.base + info.offset, cause, info.traceback))
 
 
-def report_item(batch: Batch, slot: Slot, offset: int, ok: bool, body: Any) -> None:
-    """Tell ``batch`` what a worker sent back for item ``offset`` of chunk ``slot``."""
+def report_item(
+    batch: Batch,
+    slot: Slot,
+    offset: int,
+    ok: bool,
+    body: Any,
+    output: tuple[str, str] | None = None,
+) -> None:
+    """Tell ``batch`` what a worker sent back for item ``offset`` of chunk ``slot``
+    (``output``: what the item wrote, when it was captured)."""
     index = slot.base + offset
     if ok:
         try:
             value = _transport.loads(body)
         except Exception as exc:
-            batch.item_failed(slot, offset, _unloadable_result(index, exc))
+            batch.item_failed(slot, offset, attach_output(_unloadable_result(index, exc), output))
         else:
             batch.item_returned(slot, offset, value)
         return
     info = _transport.ExceptionInfo(*body)
     cause = _transport.rebuild_exception(info)
-    batch.item_failed(slot, offset, task_error_from(index, cause, info.traceback))
+    error = task_error_from(index, cause, info.traceback)
+    batch.item_failed(slot, offset, attach_output(error, output))
+
+
+def attach_output(error: TaskError, output: tuple[str, str] | None) -> TaskError:
+    """``error`` carrying the captured ``(stdout, stderr)`` of its task, if any."""
+    if output is not None:
+        error.stdout, error.stderr = output
+    return error
 
 
 def _unloadable_result(index: int, exc: BaseException) -> TaskError:

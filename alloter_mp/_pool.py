@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import heapq
 import importlib
 import math
 import multiprocessing
@@ -63,22 +64,24 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _shm, _task, _threads, _transport, _words, _worker
-from ._batch import Batch, Slot
+from . import _shm, _sight, _task, _threads, _transport, _words, _worker
+from ._batch import Batch, Latch, Slot
 from ._errors import (
     AlloterError,
     Cancelled,
+    InitializerFailed,
     MemoryLimitExceeded,
     TaskError,
     WorkerCrashed,
 )
 from ._handle import WorkerHandle, WorkerStats
-from ._latch import Latch
+from ._messages import MessageReader
 from ._options import check_limit, check_positive, default_limit
-from ._outcome import report_item, report_outcome
+from ._outcome import attach_output, report_item, report_outcome
+from ._poolrun import PoolRun, Quota
 from ._states import KillReason, TaskStatus
 
-__all__ = ["DEFAULT_START_METHOD", "PoolRun", "Quota", "WorkerPool", "elastic_pool", "submit"]
+__all__ = ["DEFAULT_START_METHOD", "WorkerPool", "elastic_pool", "submit"]
 
 
 def _default_start_method() -> str:
@@ -124,48 +127,9 @@ STOP_WAIT = 2.0
 # How long a caller reads a worker lent to it before giving it back to the
 # supervisor (Ctrl-C waits that long at most meanwhile).
 LEND_MOST = 0.02
-
-
-class Quota:
-    """An alloter's share of a pool: at most ``limit`` workers busy with its tasks.
-
-    Alloters made from one another (``with_options``) share one quota, and so one
-    limit; ``None`` means no limit of its own (the pool's size still bounds it).
-    """
-
-    __slots__ = ("active", "limit")
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def full(self) -> bool:
-        return self.limit is not None and self.active >= self.limit
-
-
-class PoolRun:
-    """The pool's bookkeeping for one batch it runs."""
-
-    __slots__ = ("avg_wall", "batch", "end_handled", "params", "quota", "sharers")
-
-    def __init__(self, batch: Batch, quota: Quota) -> None:
-        self.batch = batch
-        self.quota = quota
-        self.end_handled = False  # the workers holding its tasks were told it ended
-        self.avg_wall: float | None = None  # the batch's task times, for sending ahead
-        # What every TASKS message of this batch tells the worker (see _worker).
-        self.params = (
-            batch.id,
-            batch.deadline,
-            batch.measure,
-            batch.fail_fast,
-            batch.task_timeout,
-            batch.per_item,
-            batch.share_threshold,
-        )
-        # Workers that were sent its shared segments and still hold them (then
-        # ``batch.segments_freed`` is set once none does: see _free_segments).
-        self.sharers: set[WorkerHandle] | None = None
+# How long the supervisor waits for the descriptors a result message announces
+# (its worker sends them right after it; a worker that never does is killed).
+FDS_WAIT = 5.0
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -230,22 +194,38 @@ class WorkerPool:
         self._pid = os.getpid()
 
         # Guards the supervisor's state below: the supervisor holds it but while it
-        # waits, a caller while it hands out tasks itself. Reentrant: a callback run
-        # by the supervisor (a future's) may submit.
+        # waits, a caller while it hands out tasks itself (see _direct_ok). Reentrant:
+        # a callback run by the supervisor (a future's) may submit.
         self._lock = threading.RLock()
         self._lends = 0  # workers lent to callers so far (see _direct_ok)
         self._inbox: deque[PoolRun] = deque()
+        # Runs whose batch has news (its notify was called), from any thread.
+        self._poked: deque[PoolRun] = deque()
         self._closing = False
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # A wake-up byte is in the pipe and the supervisor has not looked yet: more
+        # wake-ups until it does would only cost system calls.
+        self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
 
-        # Owned by the supervisor thread.
+        # Owned by the supervisor thread. Every run it has not let go of (``_runs``)
+        # and, so that no turn of the loop walks them all (thousands of calls may
+        # be waiting at once), the few it must look at: those with tasks to hand
+        # over, in order (``_waiting``), those ending, those with a retry waiting
+        # for its delay, their deadlines (a heap), and those that had news since
+        # the last turn (``_touched``).
         self._workers: list[WorkerHandle] = []
-        self._runs: list[PoolRun] = []
+        self._runs: dict[PoolRun, None] = {}
+        self._waiting: deque[PoolRun] = deque()
+        self._ending: dict[PoolRun, None] = {}
+        self._delayed_runs: dict[PoolRun, None] = {}
+        self._deadlines: list[tuple[float, int, PoolRun]] = []
+        self._touched: set[PoolRun] = set()
+        self._readers: dict[WorkerHandle, MessageReader] = {}
         # Settled runs whose workers were told to let go of their shared segments.
         self._freeing: dict[int, PoolRun] = {}
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
@@ -256,7 +236,7 @@ class WorkerPool:
         # kernel's interest in its pipe (see _watch).
         epoll = getattr(self._selector, "_selector", None)
         self._epoll: Any = (
-            epoll if select_epoll is not None and isinstance(epoll, select_epoll) else None
+            epoll if _epoll_type is not None and isinstance(epoll, _epoll_type) else None
         )
         _live_pools.add(self)
 
@@ -316,8 +296,16 @@ class WorkerPool:
     def _submit(self, batch: Batch, quota: Quota) -> None:
         if os.getpid() != self._pid:
             raise RuntimeError("a WorkerPool cannot be used from a forked child process")
-        batch.notify = self._wake
         run = PoolRun(batch, quota)
+        poked, wake = self._poked, self._wake
+
+        def notify() -> None:
+            poked.append(run)
+            wake()
+
+        batch.notify = notify
+        if batch.log_snapshot is not None:
+            batch.logs_drained = Latch()
         lent = None
         starting = None
         with _sigint_deferred():
@@ -335,15 +323,17 @@ class WorkerPool:
                         daemon=True,
                     )
                 if self._direct_ok(run):
-                    self._runs.append(run)
                     lent = self._hand_out(run, lend=_lendable(batch))
+                    if lent is None:
+                        self._adopt(run)
                     # The supervisor must look at tasks still queued (it may start
-                    # workers) and at the timers of running ones (memory samples,
-                    # task timeouts).
-                    look = (
+                    # workers), at the timers of running ones (memory samples, task
+                    # timeouts) and at the deadline; a lent run comes back to it later.
+                    look = lent is None and (
                         batch.has_queued()
                         or batch.memory_limit is not None
                         or batch.task_timeout is not None
+                        or batch.deadline is not None
                     )
                 else:
                     self._inbox.append(run)
@@ -371,19 +361,29 @@ class WorkerPool:
         """
         if (
             self._inbox
+            or self._waiting
             or threading.current_thread() is self._thread
             or run.batch.decided.is_set()
-            or any(r.batch.has_queued() for r in self._runs)
         ):
             return False
         return self._can_spawn() or any(
             w.idle and w.run is None and w.room != 0 and w.conn_open for w in self._workers
         )
 
+    def _adopt(self, run: PoolRun) -> None:
+        """Make a run handed out by its caller the supervisor's, as _take_inbox does."""
+        if run.forgotten:
+            return
+        self._runs[run] = None
+        deadline = run.batch.deadline
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, run.batch.id, run))
+        self._touched.add(run)
+
     def _hand_out(self, run: PoolRun, *, lend: bool = False) -> WorkerHandle | None:
-        """Send ``run``'s ready tasks: to idle workers, to new ones while the pool may
-        grow, then ahead to its busy ones. With ``lend``, the first worker sent to is
-        lent to the calling thread first (returned; see :meth:`_lend`)."""
+        """Send a new run's tasks: to idle workers, then to new ones while the pool may
+        grow. With ``lend``, the first worker sent to is lent to the calling thread
+        first (returned; see :meth:`_lend`)."""
         batch = run.batch
         quota = run.quota
         depth = _ahead_depth(run)
@@ -396,15 +396,29 @@ class WorkerPool:
                 lent = w
             self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
 
-        # Idle (or new) workers first; only then send ahead to busy ones, so a task
-        # never waits behind another while a worker could run it.
         for w in self._workers:
             if not batch.has_queued() or quota.full():
                 break
             if w.idle and w.run is None and w.room != 0 and w.conn_open:
                 give(w)
-        # New workers are all started before any is sent a task: under fork, what the
-        # parent writes between two forks stays private to the earlier child.
+        if batch.has_queued() and not quota.full():
+            for w in self._start_workers(run, depth):
+                if not batch.has_queued() or quota.full():
+                    break
+                give(w)
+        if lent is not None and lent.run is not run:
+            self._give_back(lent, run)  # nothing was sent to it after all
+            lent = None
+        return lent
+
+    def _start_workers(self, run: PoolRun, depth: int) -> list[WorkerHandle]:
+        """New workers for ``run``'s queued tasks, as many as the pool may grow by.
+
+        All are started before any is sent a task: under fork, what the parent
+        writes between two forks stays private to the earlier child.
+        """
+        batch = run.batch
+        quota = run.quota
         wanted = _ceil_div(batch.queued_count(), max(1, min(depth, self._share(batch))))
         if quota.limit is not None:
             wanted = min(wanted, quota.limit - quota.active)
@@ -413,23 +427,10 @@ class WorkerPool:
             try:
                 started.append(self._spawn())
             except Exception as exc:  # out of processes or descriptors, say
-                if not started and not any(x.run is run for x in self._workers):
+                if not started and not run.holders:
                     batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
                 break
-        for w in started:
-            if not batch.has_queued() or quota.full():
-                break
-            give(w)
-        if depth > 1 and batch.has_queued():
-            for w in self._workers:
-                if w.run is run and w.kill_reason is None and not w.stopping and not w.lent:
-                    room = depth - len(w.pipeline)
-                    if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
-                        self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
-        if lent is not None and lent.run is not run:
-            self._give_back(lent, run)  # nothing was sent to it after all
-            lent = None
-        return lent
+        return started
 
     def _lend(self, w: WorkerHandle) -> None:
         """The caller reads ``w``'s pipe for a while (the supervisor still watches its
@@ -481,14 +482,16 @@ class WorkerPool:
         w.lent = False
         if w.conn_open:
             self._watch(w, True)  # level-triggered: what waits wakes the supervisor now
-        if run.batch.settled.is_set() and w.run is not run:
-            if run in self._runs:
-                self._runs.remove(run)
-                self._free_segments(run)
-        else:
-            self._wake()  # its timers, endings and queue are the supervisor's again
+        if run.batch.settled.is_set() and not run.holders:
+            self._forget(run)
+        elif not run.forgotten and run not in self._runs:
+            self._adopt(run)  # its timers, endings and queue are the supervisor's now
+            self._wake()
 
     def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
@@ -517,6 +520,7 @@ class WorkerPool:
         # Everything but the wait runs under the pool's lock: a caller may hand tasks
         # to idle workers itself (see _direct_ok).
         stop_deadline: float | None = None
+        due: float | None = 0.0  # the nearest timer: timers are looked at once it is due
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -524,7 +528,7 @@ class WorkerPool:
                 if self._closing:
                     if stop_deadline is None:
                         stop_deadline = now + STOP_WAIT
-                        for run in self._runs:
+                        for run in list(self._runs):
                             run.batch.cancel(Cancelled("the pool was closed"))
                     for w in self._workers:
                         if w.idle:
@@ -535,13 +539,15 @@ class WorkerPool:
                         for w in self._workers:
                             if w.kill_reason is None:
                                 w.kill(KillReason.CLOSE, now, hard=True)
-                self._check_timers(now)
+                if due is not None and now >= due:
+                    self._check_timers(now)
+                self._review_touched()
                 self._handle_endings(now)
                 if not self._closing:
                     self._dispatch()
-                self._forget_settled()
+                self._review_touched()
 
-                timer = self._next_timer()
+                timer = due = self._next_timer()
                 if stop_deadline is not None:
                     timer = stop_deadline if timer is None else min(timer, stop_deadline)
                 timeout = None if timer is None else max(0.0, timer - time.monotonic())
@@ -555,8 +561,12 @@ class WorkerPool:
         for key, _ in events:
             if key.data is None:
                 # Wake-ups only mean "look again": one read empties the pipe.
+                # Cleared after it: a wake-up whose byte this read took has
+                # its news looked at by the turn that follows, and one that
+                # comes later writes again.
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 65536)
+                self._wake_pending = False
                 continue
             w, what = key.data
             if what == "dead":
@@ -570,139 +580,53 @@ class WorkerPool:
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            self._runs.append(self._inbox.popleft())
+            run = self._inbox.popleft()
+            self._runs[run] = None
+            deadline = run.batch.deadline
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, run.batch.id, run))
+            self._touched.add(run)
 
-    # -- timers ----------------------------------------------------------------
+    # -- which runs to look at -------------------------------------------------------
 
-    def _next_timer(self) -> float | None:
-        times: list[float] = []
-        for run in self._runs:
-            batch = run.batch
-            if not batch.ending:
-                if batch.deadline is not None:
-                    times.append(batch.deadline)
-                ready = batch.next_ready_at()
-                if ready is not None:
-                    times.append(ready)
-            elif not batch.settled.is_set():
-                grace = batch.grace_deadline
-                if grace is not None and any(w.run is run for w in self._workers):
-                    times.append(grace)
-        for w in self._workers:
-            if w.kill_deadline is not None:
-                times.append(w.kill_deadline)
-            elif w.pipeline and w.kill_reason is None:
-                if _memory_limit(w) is not None:
-                    times.append(time.monotonic() + MEMORY_SAMPLE)
-                if w.tt_check is not None:
-                    times.append(w.tt_check)
-                if w.alone_kill_at is not None:
-                    times.append(w.alone_kill_at)
-        return min(times) if times else None
-
-    def _check_timers(self, now: float) -> None:
-        for run in self._runs:
-            batch = run.batch
-            if not batch.ending and batch.deadline is not None and now >= batch.deadline:
-                batch.expire()
-        for w in self._workers:
-            if w.kill_deadline is not None and now >= w.kill_deadline:
-                w.escalate()
-            elif w.pipeline and w.kill_reason is None:
-                limit = _memory_limit(w)
-                if limit is not None:
-                    self._sample_memory(w, limit, now)
-                self._check_task_timeout(w, now)
-
-    def _check_task_timeout(self, w: WorkerHandle, now: float) -> None:
-        """End the task a worker runs once it has run longer than its task timeout.
-
-        The worker says in its words which task (and chunk item) runs since when; the
-        next look is due at that task's deadline, or, while none runs, a whole task
-        timeout from now (no task starting after now can time out sooner).
-        """
-        w.tt_check = None
-        batch = None if w.run is None else w.run.batch
-        if batch is None or batch.task_timeout is None or batch.ending:
+    def _review_touched(self) -> None:
+        """Put each run that had news where the loop will look for it."""
+        poked = self._poked
+        touched = self._touched
+        while poked:
+            touched.add(poked.popleft())
+        if not touched:
             return
-        words = w.words
-        seq, item = int(words[_words.RUNNING]), int(words[_words.ITEM])
-        start = words[_words.START_NS] / 1e9
-        if seq != int(words[_words.RUNNING]) or item != int(words[_words.ITEM]):
-            w.tt_check = now + 0.001  # it moved on while we read: look again at once
-            return
-        if seq == 0:
-            w.tt_check = now + batch.task_timeout
-            return
-        deadline = start + batch.task_timeout
-        if now < deadline:
-            w.tt_check = deadline
-            return
-        for sent, slot in w.pipeline:
-            if sent == seq:
-                batch.end_task(slot, TaskStatus.TIMEOUT, item if slot.item_state is not None else 0)
-                break
+        self._touched = set()
+        for run in touched:
+            self._review(run)
 
-    def _sample_memory(self, w: WorkerHandle, limit: int, now: float) -> None:
-        rss = w.read_rss()
-        if rss is None:
+    def _review(self, run: PoolRun) -> None:
+        if run.forgotten:
             return
-        w.mem_peak = max(w.mem_peak, rss)
-        if rss > limit:
-            w.kill(KillReason.MEMORY, now, hard=True)
-
-    def _handle_endings(self, now: float) -> None:
-        for run in self._runs:
-            batch = run.batch
-            if not batch.ending:
-                continue
-            holders = [w for w in self._workers if w.run is run]
-            if not run.end_handled:
-                run.end_handled = True
-                for w in holders:
-                    w.words[_words.CANCEL_BATCH] = batch.id
-            grace = batch.grace_deadline
-            if holders and grace is not None and now >= grace:
-                for w in holders:
-                    if w.kill_reason is None:
-                        w.kill(KillReason.END, now)
-        for w in self._workers:
-            w.alone_kill_at = None
-            if w.run is not None and w.run.batch.alone and w.kill_reason is None:
-                self._end_alone(w, w.run.batch, now)
-
-    def _end_alone(self, w: WorkerHandle, batch: Batch, now: float) -> None:
-        """Tell (then kill after the grace) a task of ``w`` that was ended on its own.
-
-        One not started yet is skipped instead, with the tasks sent after it (which go
-        back to the queue): the worker checks the skip range before each task.
-        """
-        for seq, slot in w.pipeline:
-            if slot.ended_alone is None:
-                continue
-            words = w.words
-            if seq > int(words[_words.STARTED]):
-                if not words[_words.SKIP_FROM] <= seq <= words[_words.SKIP_TO]:
-                    # The lower bound first: the range is never wider than meant.
-                    words[_words.SKIP_FROM] = seq
-                    words[_words.SKIP_TO] = w.seq
-                return
-            item = slot.ended_item if slot.item_state is not None else 0
-            words[_words.CANCEL_TASK] = _words.task_key(seq, item)
-            w.alone_kill_at = slot.ended_at + batch.cancel_grace
-            if now >= w.alone_kill_at:
-                w.kill(KillReason.TASK, now)
+        batch = run.batch
+        if batch.settled.is_set() and not run.holders:
+            self._forget(run)
             return
+        if batch.ending:
+            self._ending[run] = None
+            return
+        if batch.next_ready_at() is not None:
+            self._delayed_runs[run] = None
+        if not run.waiting and batch.has_queued():
+            run.waiting = True
+            self._waiting.append(run)
 
-    def _forget_settled(self) -> None:
-        if any(run.batch.settled.is_set() for run in self._runs):
-            keep = []
-            for run in self._runs:
-                if not run.batch.settled.is_set() or any(w.run is run for w in self._workers):
-                    keep.append(run)
-                else:
-                    self._free_segments(run)
-            self._runs = keep
+    def _forget(self, run: PoolRun) -> None:
+        drained = run.batch.logs_drained
+        if drained is not None:
+            drained.set()  # settled, and no worker holds a task of it: nothing is owed
+        run.forgotten = True
+        self._runs.pop(run, None)
+        self._ending.pop(run, None)
+        self._delayed_runs.pop(run, None)
+        # Its entries in _waiting and _deadlines are passed over when reached.
+        self._free_segments(run)
 
     # -- shared segments ------------------------------------------------------------
 
@@ -753,14 +677,205 @@ class WorkerPool:
         if not run.sharers and self._freeing.pop(run.batch.id, None) is not None:
             _segments_freed(run)
 
+    # -- timers ----------------------------------------------------------------
+
+    def _next_timer(self) -> float | None:
+        times: list[float] = []
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].forgotten or deadlines[0][2].batch.ending):
+            heapq.heappop(deadlines)
+        if deadlines:
+            times.append(deadlines[0][0])
+        for run in list(self._delayed_runs):
+            ready = run.batch.next_ready_at()
+            if ready is None:
+                del self._delayed_runs[run]
+            else:
+                times.append(ready)
+        for run in self._ending:
+            if not run.batch.settled.is_set() and run.holders:
+                grace = run.batch.grace_deadline
+                if grace is not None:
+                    times.append(grace)
+        for w in self._workers:
+            if w.kill_deadline is not None:
+                times.append(w.kill_deadline)
+            elif w.pipeline and w.kill_reason is None:
+                if _memory_limit(w) is not None:
+                    times.append(time.monotonic() + MEMORY_SAMPLE)
+                if w.tt_check is not None:
+                    times.append(w.tt_check)
+                if w.alone_kill_at is not None:
+                    times.append(w.alone_kill_at)
+        return min(times) if times else None
+
+    def _check_timers(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            run = heapq.heappop(deadlines)[2]
+            if not run.forgotten:
+                run.batch.expire()  # it notifies: reviewed as ending
+        for run in self._delayed_runs:
+            ready = run.batch.next_ready_at()
+            if ready is not None and ready <= now:
+                self._touched.add(run)  # its retry may be handed over
+        for w in self._workers:
+            if w.kill_deadline is not None and now >= w.kill_deadline:
+                w.escalate()
+            elif w.pipeline and w.kill_reason is None:
+                limit = _memory_limit(w)
+                if limit is not None:
+                    self._sample_memory(w, limit, now)
+                self._check_task_timeout(w, now)
+
+    def _check_task_timeout(self, w: WorkerHandle, now: float) -> None:
+        """End the task a worker runs once it has run longer than its task timeout.
+
+        The worker says in its words which task (and chunk item) runs since when; the
+        next look is due at that task's deadline, or, while none runs, a whole task
+        timeout from now (no task starting after now can time out sooner).
+        """
+        w.tt_check = None
+        batch = None if w.run is None else w.run.batch
+        if batch is None or batch.task_timeout is None or batch.ending:
+            return
+        words = w.words
+        seq, item = int(words[_words.RUNNING]), int(words[_words.ITEM])
+        start = words[_words.START_NS] / 1e9
+        if seq != int(words[_words.RUNNING]) or item != int(words[_words.ITEM]):
+            w.tt_check = now + 0.001  # it moved on while we read: look again at once
+            return
+        if seq == 0:
+            w.tt_check = now + batch.task_timeout
+            return
+        deadline = start + batch.task_timeout
+        if now < deadline:
+            w.tt_check = deadline
+            return
+        for sent, slot in w.pipeline:
+            if sent == seq:
+                batch.end_task(slot, TaskStatus.TIMEOUT, item if slot.item_state is not None else 0)
+                break
+
+    def _sample_memory(self, w: WorkerHandle, limit: int, now: float) -> None:
+        rss = w.read_rss()
+        if rss is None:
+            return
+        w.mem_peak = max(w.mem_peak, rss)
+        if rss > limit:
+            w.kill(KillReason.MEMORY, now, hard=True)
+
+    def _handle_endings(self, now: float) -> None:
+        for run in list(self._ending) if self._ending else ():
+            batch = run.batch
+            drained = batch.logs_drained
+            if not run.holders:
+                if drained is not None:
+                    drained.set()  # no worker holds a task of it: no record is owed
+                if batch.settled.is_set():
+                    self._forget(run)
+                continue
+            holders = [w for w in self._workers if w.run is run]
+            if not run.end_handled:
+                run.end_handled = True
+                for w in holders:
+                    w.words[_words.CANCEL_BATCH] = batch.id
+                    if drained is not None:
+                        w.sight.owes()  # records written before the end, not sent yet
+            if drained is not None and not any(w.sight.owed is not None for w in holders):
+                drained.set()  # the caller may return: they were handed over
+            grace = batch.grace_deadline
+            if grace is not None and now >= grace:
+                for w in holders:
+                    if w.kill_reason is None:
+                        w.kill(KillReason.END, now, hard=batch.kill_at_once)
+        for w in self._workers:
+            w.alone_kill_at = None
+            if w.run is not None and w.run.batch.alone and w.kill_reason is None:
+                self._end_alone(w, w.run.batch, now)
+
+    def _end_alone(self, w: WorkerHandle, batch: Batch, now: float) -> None:
+        """Tell (then kill after the grace) a task of ``w`` that was ended on its own.
+
+        One not started yet is skipped instead, with the tasks sent after it (which go
+        back to the queue): the worker checks the skip range before each task.
+        """
+        for seq, slot in w.pipeline:
+            if slot.ended_alone is None:
+                continue
+            words = w.words
+            if seq > int(words[_words.STARTED]):
+                if not words[_words.SKIP_FROM] <= seq <= words[_words.SKIP_TO]:
+                    # The lower bound first: the range is never wider than meant.
+                    words[_words.SKIP_FROM] = seq
+                    words[_words.SKIP_TO] = w.seq
+                return
+            if slot.unstarted_only:
+                batch.spare(slot)  # it had started: it runs on
+                continue
+            item = slot.ended_item if slot.item_state is not None else 0
+            words[_words.CANCEL_TASK] = _words.task_key(seq, item)
+            w.alone_kill_at = slot.ended_at + batch.cancel_grace
+            if now >= w.alone_kill_at:
+                w.kill(KillReason.TASK, now)
+            return
+
     # -- dispatch ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        for run in self._runs:
-            if not run.batch.ending and run.batch.has_queued():
-                self._hand_out(run)
+        """Hand queued tasks over: idle (or new) workers first, to the runs in the
+        order they came; only then more tasks ahead to busy workers, each of its own
+        run, so that a task never waits behind another while a worker could run it.
+        """
+        waiting = self._waiting
+        if waiting:
+            self._fill_free_workers(waiting)
+            self._send_ahead()
         if self._elastic:
             self._trim_idle()
+
+    def _fill_free_workers(self, waiting: deque[PoolRun]) -> None:
+        idle = [w for w in self._workers if w.idle and w.run is None and w.room != 0]
+        idle.reverse()  # taken from the end, in the workers' order
+        can_spawn = self._can_spawn()
+        kept: list[PoolRun] = []
+        while waiting and (idle or can_spawn):
+            run = waiting.popleft()
+            batch = run.batch
+            if run.forgotten or batch.ending or not batch.has_queued():
+                run.waiting = False
+                if not run.forgotten:
+                    self._touched.add(run)  # a retry waiting, or the end: see _review
+                continue
+            kept.append(run)
+            quota = run.quota
+            depth = _ahead_depth(run)
+            while idle and batch.has_queued() and not quota.full():
+                w = idle.pop()
+                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+            if batch.has_queued() and not quota.full() and can_spawn:
+                for w in self._start_workers(run, depth):
+                    if not batch.has_queued() or quota.full():
+                        break
+                    self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+                can_spawn = self._can_spawn()
+        # Runs still holding tasks keep their place, ahead of those not looked at.
+        waiting.extendleft(reversed(kept))
+
+    def _send_ahead(self) -> None:
+        for w in self._workers:
+            run = w.run
+            if run is None or not run.waiting or w.kill_reason is not None or w.stopping:
+                continue
+            if w.lent:
+                continue  # its caller reads it: more comes once it is given back
+            batch = run.batch
+            depth = _ahead_depth(run)
+            if depth <= 1 or batch.ending or not batch.has_queued():
+                continue
+            room = depth - len(w.pipeline)
+            if room > 0 and w.inflight < AHEAD_BYTES and w.room != 0:
+                self._send(w, run, batch.take(w.cap(min(room, self._share(batch)))))
 
     def _share(self, batch: Batch) -> int:
         workers = max(1, min(self._size, len(self._workers) or 1))
@@ -785,8 +900,16 @@ class WorkerPool:
         batch = run.batch
         if w.run is None:
             w.run = run
+            run.holders += 1
             run.quota.active += 1
             w.mem_peak = 0
+            config = w.sight.config(batch)
+            if config is not None:
+                with contextlib.suppress(OSError):  # the TASKS message below finds out
+                    w.conn.send_bytes(config)
+        if batch.task_timeout is not None and w.tt_check is None:
+            # Look at its task's time soon: no event may come before its timeout.
+            w.tt_check = time.monotonic()
         blob = None
         if w.blob_id != batch.id:
             self._switch_batch(w, run)
@@ -825,6 +948,7 @@ class WorkerPool:
         )
         w.room = self._max_tasks
         self._workers.append(w)
+        self._readers[w] = MessageReader(w.conn.fileno())
         self._selector.register(w.conn.fileno(), selectors.EVENT_READ, (w, "conn"))
         self._selector.register(w.sentinel, selectors.EVENT_READ, (w, "dead"))
         return w
@@ -836,19 +960,25 @@ class WorkerPool:
     # -- events from workers -----------------------------------------------------
 
     def _read(self, w: WorkerHandle, *, drain: bool = False) -> None:
-        # One message per readiness event: the selector is level-triggered and will
-        # report the pipe again if more is waiting, and polling first would cost
-        # more system calls than the message. A dead worker is drained to the end.
+        # What the pipe holds, in one read per readiness event (see _messages): the
+        # selector is level-triggered and reports the pipe again if more is waiting.
+        # A dead worker is drained to the end.
+        reader = self._readers.get(w)
+        if reader is None:
+            return
         try:
             while w.conn_open:
-                msg = pickle.loads(w.conn.recv_bytes())
-                if msg[0] == _worker.SHARED:
-                    msg = _received(msg, _shm.recv_fds(w.conn.fd_conn, msg[1]))
-                if msg[0] == _worker.RELEASED:
-                    run = self._freeing.get(msg[1])
-                    if run is not None:
-                        self._worker_freed(run, w)
-                else:
+                for message in reader.read():
+                    msg = pickle.loads(message)
+                    kind = msg[0]
+                    if kind == _worker.SHARED:
+                        fds = _shm.recv_fds(w.conn.fd_conn, msg[1], timeout=FDS_WAIT)
+                        msg = _received(msg, fds)
+                    elif kind == _worker.RELEASED:
+                        run = self._freeing.get(msg[1])
+                        if run is not None:
+                            self._worker_freed(run, w)
+                        continue
                     self._on_message(w, msg)
                 if not drain or not w.conn.poll():
                     break
@@ -867,17 +997,29 @@ class WorkerPool:
 
     def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
+        if kind == _sight.LOGS:  # may come between tasks too (from a task's thread)
+            w.sight.on_logs(msg, None if w.run is None else w.run.batch)
+            return
         if kind == _worker.INIT_FAILED:
             w.init_error = msg[1]
             return
         run = w.run
         assert run is not None and run.batch.id == msg[1], "result for a batch the worker lacks"
+        self._touched.add(run)
         batch = run.batch
         if kind == _worker.ITEM:
             _, _, seq, offset, code, body, start = msg
             slot = _find(w, seq)
             batch.started(slot, start)
-            report_item(batch, slot, offset, code == _task.OK, body)
+            output = w.sight.take_item_output(seq, offset)
+            report_item(batch, slot, offset, code == _task.OK, body, output)
+            return
+        if kind == _sight.OUTPUT:
+            _, _, seq, offset, out, err = msg
+            if offset < 0:
+                _find(w, seq).output = (out, err)
+            else:
+                w.sight.on_item_output(seq, offset, (out, err))
             return
         for seq, code, body, wall, cpu, peak, start in msg[2]:
             sent, slot = w.pipeline.popleft()
@@ -899,8 +1041,11 @@ class WorkerPool:
                 self._stop(w)  # it ran its max_tasks_per_worker: a fresh one replaces it
 
     def _release_worker(self, w: WorkerHandle) -> None:
-        if w.run is not None:
-            w.run.quota.active -= 1
+        run = w.run
+        if run is not None:
+            run.quota.active -= 1
+            run.holders -= 1
+            self._touched.add(run)  # it may be let go, or have tasks for other workers
         w.run = None
         w.inflight = 0
 
@@ -911,12 +1056,15 @@ class WorkerPool:
         w.kill_remains()
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
+        # Then the records it journaled but never sent, before its task is settled.
+        w.sight.recover(None if w.run is None else w.run.batch)
         w.proc.join(0.5)
         # Keep the pool warm: replace a worker that died holding work, was killed or
         # retired. One that died on its own before doing anything (a failing
         # initializer) is replaced only on demand, so a broken setup cannot spin.
         replace = w.init_error is None and bool(w.pipeline or w.kill_reason or w.tasks_done)
         if w.pipeline and w.run is not None:
+            self._touched.add(w.run)
             self._settle_dead(w, w.run.batch, w.proc.exitcode)
         if w.run is not None:
             self._release_worker(w)
@@ -924,6 +1072,7 @@ class WorkerPool:
         for run in [*self._runs, *self._freeing.values()]:
             if run.sharers is not None and w in run.sharers:
                 self._worker_freed(run, w)
+        self._readers.pop(w, None)
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(w.sentinel)
@@ -957,6 +1106,10 @@ class WorkerPool:
         if head is None and never and w.init_error is not None:
             head = never.pop(0)  # its initializer failed: the first task tells the caller
         if head is not None:
+            if blamed_seq and batch.capture_output and head.output is None:
+                # What it wrote until it died: the files still hold it (a task, or
+                # the chunk item that ran).
+                head.output = w.sight.read_output()
             if running:
                 batch.started(head, w.words[_words.START_NS] / 1e9)
             # A chunk runner keeps the offset of the item it runs in ITEM.
@@ -987,7 +1140,7 @@ class WorkerPool:
             error = WorkerCrashed(index, exitcode, w.pid)
         else:
             info = w.init_error
-            error = TaskError(
+            error = InitializerFailed(
                 index,
                 f"the worker's initializer failed: {info.type_name}: {info.message}",
                 info.traceback,
@@ -995,6 +1148,7 @@ class WorkerPool:
             error.__cause__ = _transport.rebuild_exception(info)
         if slot.item_state is not None and slot.status is TaskStatus.RUNNING:
             # Only the item that was running fails; the rest of the chunk runs on.
+            attach_output(error, slot.output)
             batch.item_failed(slot, index - slot.base, error, crashed=True)
             batch.run_interrupted(slot)
             return
@@ -1035,13 +1189,11 @@ def _received(msg: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
     return inner
 
 
+_epoll_type: Any = getattr(select, "epoll", None)
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
 # The signal module's own functions convert to and from enums, which costs more
 # than the rest of a round trip; the C module's do not.
 _signal: Any = importlib.import_module("_signal")
-
-
-select_epoll: Any = getattr(select, "epoll", None)
-_EPOLLIN = getattr(select, "EPOLLIN", 1)
 
 
 def _lendable(batch: Batch) -> bool:

@@ -36,8 +36,10 @@ from typing import Any
 
 from ._batch import Batch, Slot
 from ._errors import AlloterError, Cancelled, MemoryLimitExceeded, TaskError, WorkerCrashed
+from ._logreceive import LogReceiver
 from ._outcome import report_outcome
 from ._ray_task import Board, run_task
+from ._sight import position_in
 from ._states import TaskStatus
 
 __all__ = ["RayRunner", "import_ray"]
@@ -162,6 +164,7 @@ class RayRunner:
         # wait for the board to start (and the first call must not pay for it).
         self._board, self._board_name = shared_board(ray)
         self._board_lost = False
+        self._logs = LogReceiver()  # the tasks' records, handed to this process's logging
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._runs: deque[_BatchRun] = deque()  # supervisor thread only
@@ -361,6 +364,8 @@ class RayRunner:
                 confirm,
                 batch.cancel_grace,
                 batch.task_timeout,
+                batch.log_snapshot,
+                batch.capture_output,
             )
         except Exception as exc:
             batch.task_failed(
@@ -386,10 +391,14 @@ class RayRunner:
             _kills_may_come_until(time.monotonic())  # the window counts from a kill's end too
         batch, slot = running.run.batch, running.slot
         try:
-            code, body, wall, cpu, peak, pid, start, timed_out = self._ray.get(ref)
+            reply = self._ray.get(ref)
         except Exception as exc:
             self._settle_failure(running, exc)
             return
+        code, body, wall, cpu, peak, pid, start, timed_out, frames, output = reply
+        if frames:  # before the outcome: the records arrive before the call returns
+            self._logs.deliver(frames, position_in(batch))
+        slot.output = output
         slot.wall_s, slot.cpu_s, slot.peak_rss, slot.pid = wall, cpu, peak, pid
         batch.started(slot, time.monotonic() - (time.time() - start))
         if timed_out:

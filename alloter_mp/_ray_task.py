@@ -17,6 +17,12 @@ The in-task API answers for a Ray task too:
 * With a ``memory_limit``, a thread samples the worker's resident memory; past the
   limit it records the peak on the board and kills the worker and its children, so
   the driver can tell a memory kill from a crash.
+
+The task's log records and warnings are kept by a :class:`WorkerRelay` without a
+pipe, under the driver's levels and filters, and return with the reply as frames
+the driver hands to its logging; with ``capture``, its descriptors 1 and 2 go to
+files of this worker meanwhile, and their text returns with the reply too. (A task
+whose worker dies takes both with it: no parent holds this worker's files.)
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from typing import Any
 
 import psutil
 
-from . import _transport
+from . import _task, _transport
+from ._capture import Capture, CaptureFiles
+from ._logrelay import Snapshot, WorkerRelay
 from ._measure import PeakMeter
 from ._task import execute, foreign_task, sooner
 
@@ -46,6 +54,8 @@ MEMORY_SAMPLE_SECONDS = 0.01
 _BOARD_TIMEOUT = 5.0
 
 _meter: PeakMeter | None = None
+_relay: WorkerRelay | None = None
+_capture: Capture | None = None
 
 
 class Board:
@@ -140,7 +150,9 @@ def run_task(
     confirm: bool,
     grace: float,
     task_timeout: float | None = None,
-) -> tuple[int, Any, float, float, int, int, float, bool]:
+    log_snapshot: Snapshot | None = None,
+    capture: bool = False,
+) -> tuple[int, Any, float, float, int, int, float, bool, bytes, tuple[str, str] | None]:
     """The Ray remote function: run one pickled task, measured.
 
     ``board_name`` names the driver's board actor (a name is cheaper to send than
@@ -150,9 +162,13 @@ def run_task(
     those folders exist. With ``confirm`` the task waits until the board has its
     worker's pid before it runs. ``grace`` is how long the task may run on once its
     batch has ended before it kills its own worker (see :class:`_Watchdog`), which
-    also ends the task on its own ``task_timeout`` seconds after it started. Returns
-    ``(code, body, wall, cpu, peak, pid, start, timed_out)`` (``start`` in wall-clock
-    seconds); it never raises for what the task does, so an exception out of Ray
+    also ends the task on its own ``task_timeout`` seconds after it started.
+    ``log_snapshot``: the driver's logging levels and warning filters, to relay the
+    task's records and warnings under (``None``: not relayed); ``capture``: keep
+    what it writes to descriptors 1 and 2. Returns ``(code, body, wall, cpu, peak,
+    pid, start, timed_out, frames, output)`` (``start`` in wall-clock seconds,
+    ``frames`` its relayed records, ``output`` its ``(stdout, stderr)`` or
+    ``None``); it never raises for what the task does, so an exception out of Ray
     means the worker or Ray itself failed.
     """
     global _meter
@@ -179,7 +195,10 @@ def run_task(
     if memory_limit is not None:
         guard = _MemoryGuard(memory_limit, board, key, index)
     watchdog = _Watchdog(board, key, index, grace, probe, own_deadline)
+    relay = _start_relay(log_snapshot, index)
+    captured = _start_capture() if capture else None
     probe.install()
+    output: tuple[str, str] | None = None
     try:
         with foreign_task(sooner(deadline, task_timeout, start), probe):
             outcome = execute(_transport.loads, (payload,), measure or guard is not None, _meter)
@@ -188,7 +207,40 @@ def run_task(
         probe.uninstall()
         if guard is not None:
             guard.close()
-    return (*outcome, os.getpid(), start_wall, watchdog.timed_out)
+        if captured is not None:
+            output = captured.end()
+        frames = b""
+        if relay is not None:
+            frames = relay.take()
+            relay.configure(None)  # the worker's own logging back, for Ray's other work
+    return (*outcome, os.getpid(), start_wall, watchdog.timed_out, frames, output)
+
+
+class _ItemOffset:
+    """The relay's view of which item of a chunk runs (``Chunk`` marks it in the state)."""
+
+    def __getitem__(self, _word: int) -> int:
+        return _task.state.item
+
+
+def _start_relay(snap: Snapshot | None, index: int) -> WorkerRelay | None:
+    global _relay
+    if snap is None:
+        return None
+    if _relay is None:
+        _relay = WorkerRelay(None, words=_ItemOffset())
+    _relay.configure(snap)
+    _relay.index = index
+    _task.state.item = 0
+    return _relay
+
+
+def _start_capture() -> Capture:
+    global _capture
+    if _capture is None:
+        _capture = Capture(CaptureFiles.create())
+    _capture.begin()
+    return _capture
 
 
 _adopted: tuple[str, ...] = ()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ._batch import Batch
 from ._states import TaskStatus
+
+if TYPE_CHECKING:
+    from ._timeline import Span
 
 __all__ = ["Report", "TaskReport"]
 
@@ -33,7 +37,9 @@ class TaskReport:
     during the task, in bytes; ``pid`` the worker that ran it (``None`` if none did).
     ``attempts`` counts its runs (more than one when it was retried; 0 if it never
     started); ``start_s`` is when it first started, in seconds from the call's start
-    (``None`` if it never started).
+    (``None`` if it never started). With ``capture_output=True``, ``stdout`` and
+    ``stderr`` are what its last run wrote to descriptors 1 and 2 (the last 1 MiB of
+    each, as text); otherwise, or if it never ran, ``None``.
     """
 
     index: int
@@ -46,9 +52,11 @@ class TaskReport:
     pid: int | None = None
     attempts: int = 0
     start_s: float | None = None
+    stdout: str | None = None
+    stderr: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (without the result)."""
+        """A JSON-serialisable dict (without the result; with the captured output)."""
         error = None
         if self.error is not None:
             error = {"type": _error_type(self.error), "message": str(self.error)}
@@ -62,6 +70,8 @@ class TaskReport:
             "pid": self.pid,
             "attempts": self.attempts,
             "start_s": None if self.start_s is None else round(self.start_s, 6),
+            "stdout": self.stdout,
+            "stderr": self.stderr,
         }
 
 
@@ -140,6 +150,83 @@ class Report:
         )
         return _table(rows)
 
+    def to_chrome_trace(self, file: str | os.PathLike[str] | IO[str]) -> None:
+        """Write the report as a Chrome trace to ``file`` (a path or a text stream).
+
+        Open it in Perfetto (ui.perfetto.dev) or ``chrome://tracing``: a track per
+        worker process, one event per task that started, named by its index and
+        status, with its attempts, CPU time, peak memory and error as arguments.
+        """
+        from ._timeline import write_trace
+
+        write_trace(_spans(self), file, process="alloter_mp")
+
+    def plot(self, file: str | os.PathLike[str] | IO[bytes], *, title: str | None = None) -> None:
+        """Draw the report as a timeline image in ``file`` (``.png``, ``.svg``, ``.pdf``).
+
+        One row per worker process, one bar per task coloured by status, a legend,
+        and a line where the first failure ended the call. Needs matplotlib
+        (``pip install 'alloter-mp[plot]'``): an ``ImportError`` says so otherwise.
+        """
+        from ._timeline import plot
+
+        spans = _spans(self)
+        workers = len({s.track for s in spans})
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        if title is None:
+            title = (
+                f"{len(self.tasks)} tasks on {workers} worker process"
+                f"{'' if workers == 1 else 'es'} in {self.wall_s:.2f} s ({counts})"
+            )
+        marks = []
+        failed = getattr(self.outcome, "index", None)
+        if isinstance(failed, int) and 0 <= failed < len(self.tasks):
+            task = self.tasks[failed]
+            if task.start_s is not None and task.status is not TaskStatus.CANCELLED:
+                marks.append(
+                    (
+                        task.start_s + task.wall_s,
+                        f"task {failed} failed here: running tasks cancelled, queued ones skipped",
+                    )
+                )
+        skipped = [str(t.index) for t in self.tasks if t.start_s is None]
+        note = ""
+        if skipped:
+            shown = ", ".join(skipped[:20]) + (", ..." if len(skipped) > 20 else "")
+            note = f"never started (skipped): task{'' if len(skipped) == 1 else 's'} {shown}"
+        plot(spans, file, title=title, marks=marks, note=note)
+
+
+def _spans(report: Report) -> list[Span]:
+    """The report's started tasks as timeline spans, a track per worker process."""
+    from ._timeline import Span
+
+    spans = []
+    for t in report.tasks:
+        if t.start_s is None:
+            continue
+        args: dict[str, Any] = {
+            "index": t.index,
+            "attempts": t.attempts,
+            "cpu_s": round(t.cpu_s, 6),
+            "peak_rss": t.peak_rss,
+        }
+        if t.error is not None:
+            args["error"] = _short(t.error, 200)
+        track = f"worker {t.pid}" if t.pid is not None else "worker ?"
+        spans.append(
+            Span(
+                f"task {t.index} {t.status}",
+                str(t.status),
+                track,
+                t.start_s,
+                t.wall_s,
+                label=f"task {t.index}",
+                args=args,
+            )
+        )
+    return spans
+
 
 def build_report(batch: Batch, wall_s: float) -> Report:
     """The report of a settled batch."""
@@ -155,6 +242,8 @@ def build_report(batch: Batch, wall_s: float) -> Report:
             pid=s.pid if s.status is not TaskStatus.SKIPPED else None,
             attempts=s.attempts,
             start_s=None if s.start_at is None else max(0.0, s.start_at - batch.started_at),
+            stdout=None if s.output is None else s.output[0],
+            stderr=None if s.output is None else s.output[1],
         )
         for s in batch.slots
     ]

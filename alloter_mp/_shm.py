@@ -34,6 +34,7 @@ import importlib
 import mmap
 import os
 import pickle
+import select
 import socket
 import sys
 import threading
@@ -509,6 +510,13 @@ class Received:
 # -- descriptors over the worker's pipe -------------------------------------------------
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    # poll, not a socket timeout: that would make the connection itself non-blocking.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def _socket_of(conn: Any) -> socket.socket:
     # A duplicate, so that closing it leaves the connection's own descriptor alone.
     return socket.socket(fileno=os.dup(conn.fileno()))
@@ -529,8 +537,12 @@ def send_fds(conn: Any, fds: Sequence[int]) -> None:
             socket.send_fds(sock, [bytes([len(part)])], part)
 
 
-def recv_fds(conn: Any, count: int) -> list[int]:
-    """Receive ``count`` descriptors sent by :func:`send_fds` (close-on-exec)."""
+def recv_fds(conn: Any, count: int, *, timeout: float | None = None) -> list[int]:
+    """Receive ``count`` descriptors sent by :func:`send_fds` (close-on-exec).
+
+    ``timeout``: seconds to wait for each part (``TimeoutError``, an ``OSError``,
+    past it; ``None``: as long as it takes).
+    """
     received: list[int] = []
     if count <= 0:
         return received
@@ -539,6 +551,8 @@ def recv_fds(conn: Any, count: int) -> list[int]:
         with _socket_of(conn) as sock:
             for start in range(0, count, _FDS_PER_MESSAGE):
                 want = min(_FDS_PER_MESSAGE, count - start)
+                if timeout is not None and not _readable(sock.fileno(), timeout):
+                    raise TimeoutError(f"no descriptors came within {timeout} s")
                 message, fds, msg_flags, _ = socket.recv_fds(sock, 1, want, flags)
                 received.extend(fds)
                 if not message:

@@ -49,6 +49,7 @@ class TaskState:
         "deadline",
         "dump_result",
         "in_task",
+        "item",
         "item_sink",
         "key",
         "local_cancel",
@@ -75,6 +76,9 @@ class TaskState:
         self.per_item = False
         self.offsets: list[int] | None = None
         self.item_sink: Callable[[int, int, int, Any, float], None] | None = None
+        # The offset of the item a chunk runs outside a pool worker (a pool worker
+        # keeps it in its words), for the log records it writes.
+        self.item = 0
         # How a task run by another engine (Ray) asks whether it was cancelled.
         self.probe: Callable[[], bool] | None = None
         # How a result is pickled (a pool worker shares big buffers: see _worker).

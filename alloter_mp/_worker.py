@@ -6,7 +6,9 @@ A worker:
   a task started, and a Ctrl-C meant for the parent does not reach it;
 * watches a lifeline pipe from the parent in a small thread: when the parent dies
   the pipe reaches EOF and the worker kills its own group, so nothing is orphaned;
-* turns on ``faulthandler``, so a segfault leaves its stack on stderr;
+* turns on ``faulthandler``, so a segfault leaves its stack on descriptor 2;
+* relays its tasks' log records and warnings to the parent, and captures their
+  output when asked (:mod:`alloter_mp._sight`);
 * reads task messages, keeps the tasks in a local queue and runs them in order
   (through :func:`alloter_mp._task.execute`, as every engine does); a task of a
   batch the parent has ended is skipped without starting;
@@ -36,7 +38,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from . import _mapping, _shm, _task, _threads, _transport, _words
+from . import _mapping, _shm, _sight, _task, _threads, _transport, _words
 from ._measure import PeakMeter
 
 __all__ = [
@@ -63,17 +65,19 @@ __all__ = [
 # or ``(data, refs)`` when its big buffers lie in the batch's shared segments.
 TASKS = 1
 STOP = 2  # (STOP,)
-RELEASE = 8  # (RELEASE, batch_id): let go of the batch's task list and segments
+RELEASE = 10  # (RELEASE, batch_id): let go of the batch's task list and segments
 # Worker -> parent.
 RESULTS = 3  # (RESULTS, batch_id, [(seq, code, body, wall, cpu, peak, start), ...])
 INIT_FAILED = 4  # (INIT_FAILED, ExceptionInfo)
 ITEM = 5  # (ITEM, batch_id, seq, offset, code, body, start): one item of a chunk
-RELEASED = 9  # (RELEASED, batch_id): done, nothing of it is mapped any more
+# Kinds 6 (LOGS), 7 (CONFIG) and 8 (OUTPUT) are the relay's and capture's: see _sight.
+RELEASED = 11  # (RELEASED, batch_id): done, nothing of it is mapped any more
 # Either way: (SHARED, nfds, message). ``nfds`` descriptors (shared segments, sent
-# with _shm.send_fds) follow the message on the pipe, before anything else. From a
-# worker, each result body with big buffers is ``(data, refs, nseg)``: its ``nseg``
-# segments come next in the descriptors, in the order of the bodies.
-SHARED = 7
+# with _shm.send_fds) follow the message, on the channel's descriptor socket (see
+# _channel). From a worker, each result body with big buffers is
+# ``(data, refs, nseg)``: its ``nseg`` segments come next in the descriptors, in
+# the order of the bodies.
+SHARED = 9
 
 # Result codes: _task.OK, _task.ERR, and:
 SKIPPED = 2  # never started: its batch had ended
@@ -121,8 +125,13 @@ def worker_main(
     lifeline_w: Any,
     init_payload: bytes | None,
     thread_env: dict[str, str] | None = None,
+    sight_args: Any = None,
 ) -> None:
-    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    """Entry point of a worker process (the target of ``multiprocessing.Process``).
+
+    ``sight_args``: the log journal and capture files its parent made for it
+    (:meth:`alloter_mp._sight.HandleSight.worker_args`).
+    """
     # What the worker inherited (the parent's objects under fork, the fork server's
     # otherwise) is left out of its garbage collections: a collection writes to every
     # object it visits, which would copy each page of them into this process.
@@ -131,7 +140,8 @@ def worker_main(
     _become_group_leader()
     # The parent owns Ctrl-C: it cancels the batch, and kills us if need be.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    faulthandler.enable()
+    # Descriptor 2, whatever sys.stderr is: a captured task's crash report is its output.
+    faulthandler.enable(file=2)
     with contextlib.suppress(Exception):
         lifeline_w.close()  # under fork we inherited the parent's end: drop it
     # _thread, not threading: Thread.start() waits until the new thread runs, which
@@ -139,6 +149,7 @@ def worker_main(
     # no more than to run soon; the worker ends with os._exit, never joining it.
     _thread.start_new_thread(_watch_lifeline, (lifeline,))
     _task.state.words = _words.view(words)
+    sight = _sight.WorkerSight(conn.send_bytes, sight_args, _task.state.words)
 
     if init_payload is not None:
         try:
@@ -147,9 +158,9 @@ def worker_main(
         except BaseException as exc:
             info = _transport.capture_exception(exc, skip_frames=1)
             with contextlib.suppress(OSError):
-                conn.send_bytes(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
+                sight.send(pickle.dumps((INIT_FAILED, info), _transport.PROTOCOL))
             os._exit(3)
-    _serve(conn)
+    _serve(conn, sight)
 
 
 # The batch's parameters of a TASKS message (see above).
@@ -158,7 +169,7 @@ _Params = tuple[int, float | None, bool, bool, float | None, bool, int | None]
 _Queued = tuple[_Params, int, int, Any, list[int] | None]
 
 
-def _serve(conn: Any) -> None:
+def _serve(conn: Any, sight: _sight.WorkerSight) -> None:
     state = _task.state
     words = state.words
     assert words is not None
@@ -171,7 +182,7 @@ def _serve(conn: Any) -> None:
     out_batch = 0
     out_since = 0.0
     recv = conn.recv_bytes
-    send = conn.send_bytes
+    send = sight.send  # log frames go first
     poll = conn.waiter()
     dumps = pickle.dumps
     protocol = _transport.PROTOCOL
@@ -182,7 +193,7 @@ def _serve(conn: Any) -> None:
         if out:
             if results.made:
                 fds, outboxes = results.share(out, 2)
-                _send_shared(conn, (RESULTS, out_batch, out), fds, outboxes)
+                _send_shared(send, conn, (RESULTS, out_batch, out), fds, outboxes)
             else:
                 send(dumps((RESULTS, out_batch, out), protocol))
             out = []
@@ -191,13 +202,15 @@ def _serve(conn: Any) -> None:
         # An item's outcome goes at once: if the worker dies in the next item, the
         # ones before it are not lost. Results held back are older: they go first.
         flush()
+        sight.after(state.batch_id, seq, offset)
         if type(body) is tuple:
             rows = [(body,)]
             fds, outboxes = results.share(rows, 0)
             message = (ITEM, state.batch_id, seq, offset, code, rows[0][0], start)
-            _send_shared(conn, message, fds, outboxes)
+            _send_shared(send, conn, message, fds, outboxes)
         else:
             send(dumps((ITEM, state.batch_id, seq, offset, code, body, start), protocol))
+        sight.resume()
 
     state.item_sink = send_item
     while True:
@@ -219,13 +232,18 @@ def _serve(conn: Any) -> None:
             kind = msg[0]
             if kind == STOP:
                 flush()
+                sight.stop()
                 return
+            if kind == _sight.CONFIG:
+                sight.configure(msg)
+                continue
             if kind == RELEASE:
                 flush()
                 held.release(msg[1])
                 send(dumps((RELEASED, msg[1]), protocol))
                 continue
             _, params, blob, items = msg
+            sight.batch(params[0])
             held.use(params[0], blob)
             for seq, index, payload, offsets in items:
                 queue.append((params, seq, index, payload, offsets))
@@ -248,7 +266,9 @@ def _serve(conn: Any) -> None:
             out.append((seq, SKIPPED, None, 0.0, 0.0, 0, 0.0))
             continue
         results.threshold = params[6]
+        sight.before(index)
         item = _run_one(words, params, seq, index, payload, offsets, held, meter)
+        sight.after(batch_id, seq)
         out.append(item)
         if not params[3]:
             # Not fail-fast: each task's outcome stands on its own, so none is held
@@ -395,9 +415,13 @@ class _Results:
         return fds, outboxes
 
 
-def _send_shared(conn: Any, message: Any, fds: list[int], outboxes: list[_shm.Outbox]) -> None:
+def _send_shared(
+    send: Any, conn: Any, message: Any, fds: list[int], outboxes: list[_shm.Outbox]
+) -> None:
+    """Send ``message`` with ``send`` (the relay's: log frames first), then ``fds`` on
+    the channel's descriptor socket, then let go of the outboxes."""
     try:
-        conn.send_bytes(pickle.dumps((SHARED, len(fds), message), _transport.PROTOCOL))
+        send(pickle.dumps((SHARED, len(fds), message), _transport.PROTOCOL))
         _shm.send_fds(conn.fd_conn, fds)
     finally:
         for outbox in outboxes:

@@ -45,9 +45,11 @@ class RayAlloter(BatchAlloter):
     ``limit`` bounds this alloter's tasks in flight on the cluster, all calls
     together (``None``: the cluster's CPUs divided by ``num_cpus``, the CPUs each task
     asks Ray for); a task handed to Ray counts as running even while Ray queues it.
-    ``memory_limit`` (bytes of a task's Ray worker) and ``progress`` work as on the
-    process alloter. The tasks' code must be importable on every node (or travel by
-    value: functions defined in ``__main__`` do).
+    ``memory_limit`` (bytes of a task's Ray worker), ``progress``, ``relay_logs``
+    and ``capture_output`` work as on the process alloter (except that the records
+    and output of a task whose Ray worker dies are lost with it). The tasks' code
+    must be importable on every node (or travel by value: functions defined in
+    ``__main__`` do).
     """
 
     def __init__(
@@ -64,6 +66,8 @@ class RayAlloter(BatchAlloter):
         num_cpus: float = 1,
         memory_limit: int | None = None,
         progress: bool = False,
+        relay_logs: bool = True,
+        capture_output: bool = False,
     ) -> None:
         limit = check_limit("limit", limit)
         if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)):
@@ -82,6 +86,8 @@ class RayAlloter(BatchAlloter):
             retry_delay=retry_delay,
             memory_limit=memory_limit,
             progress=progress,
+            relay_logs=relay_logs,
+            capture_output=capture_output,
         )
         ray = import_ray()
         self._owns_ray = False

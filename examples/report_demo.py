@@ -1,16 +1,24 @@
 """Run a mixed batch with exec_report and print what each task cost.
 
-    python examples/report_demo.py
+    python examples/report_demo.py [--out DIR]
 
 The batch has tasks that return, a CPU burner, a sleeper, one that allocates memory,
 one that raises, and siblings that are ended by that failure: the report shows every
-one of them with its status, wall time, CPU time, peak memory and worker pid. A
-second batch runs under a memory limit, where a runaway task is killed.
+one of them with its status, wall time, CPU time, peak memory and worker pid. Its
+timeline is written to DIR (default: the system's temporary folder) as a Chrome
+trace (``report_timeline.json``: open it in ui.perfetto.dev or chrome://tracing) and,
+when matplotlib is installed (``pip install 'alloter-mp[plot]'``), as an image
+(``report_timeline.png``). A second batch runs under a memory limit, where a runaway
+task is killed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import tempfile
 import time
 
 import alloter_mp
@@ -67,7 +75,12 @@ def grow_forever() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Run a mixed batch and show its report.")
+    parser.add_argument("--out", default=tempfile.gettempdir(), help="where the timeline goes")
+    out = parser.parse_args().out
+
     with ProcessAlloter(3, cancel_grace=0.3) as alloter:
+        alloter.exec(*[lambda: nap(0.05)] * 3)  # start the workers: the timeline shows tasks
         report = alloter.exec_report(
             bad_input,  # fails at 0.5 s: ends the rest of the batch
             polite_long_job,  # running then: cancelled, returns early
@@ -84,6 +97,18 @@ def main() -> None:
         print()
         print("ok:", report.ok, "| counts:", json.dumps(report.counts()))
         print("failure:", report.to_dict()["error"])
+        trace = os.path.join(out, "report_timeline.json")
+        report.to_chrome_trace(trace)
+        print(f"timeline: {trace} (open it in ui.perfetto.dev or chrome://tracing)")
+        image = os.path.join(out, "report_timeline.png")
+        # matplotlib's first use on a machine says it builds a font cache: not news here.
+        logging.getLogger("matplotlib").setLevel(logging.ERROR)
+        try:
+            report.plot(image)
+        except ImportError as exc:
+            print(f"no image: {exc}")
+        else:
+            print(f"timeline image: {image}")
         print()
         print("workers now:")
         for row in alloter.stats():

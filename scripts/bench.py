@@ -29,6 +29,10 @@ Workloads (every round runs every library; the library order rotates per round):
   np_out    8 tasks each returning a 32 MiB float64 array (s)
   blas      8 products of 1500 x 1500 matrices on --workers workers: CPU efficiency =
             (8 x one product's single-threaded CPU time / workers) / makespan (%)
+  logs      a task's 10,000 INFO records to a handler of the caller, against the same
+            logging in the caller (ms; alloter_mp only: no peer relays logs)
+  relay     N no-op tasks, one submit each, log relay on vs off on the same workers
+            (tasks/s; alloter_mp only)
 
 The numpy workloads (np_in, np_out, blas) compare alloter_mp with
 ProcessPoolExecutor and joblib; each of their cells runs in a fresh interpreter

@@ -26,6 +26,7 @@ import cloudpickle
 from alloter_mp._capture import Capture, CaptureFiles
 from alloter_mp._logreceive import LogReceiver, snapshot
 from alloter_mp._logrelay import LOGS, WorkerRelay
+from alloter_mp._words import COUNT, ITEM
 
 NOW = object()  # run(): take the parent's snapshot at the call
 
@@ -45,7 +46,7 @@ def _child(conn: Any, journal: Any, files: CaptureFiles, words: Any) -> None:
         relay.configure(snap)
         relay.index = index
         if words is not None:
-            words[1] = offset
+            words[ITEM] = offset
         if capture_on:
             if capture is None:
                 capture = Capture(files)
@@ -74,7 +75,7 @@ class BareWorker:
         ctx = multiprocessing.get_context(method)
         self.receiver = LogReceiver.create()
         self.files = CaptureFiles.create()
-        self.words = ctx.RawArray("q", 3) if words else None
+        self.words = ctx.RawArray("q", COUNT) if words else None
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
             target=_child, args=(child, self.receiver.journal, self.files, self.words)

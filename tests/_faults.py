@@ -15,7 +15,6 @@ by reference under every start method (the tests directory is on ``sys.path``).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -29,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _procs import live_descendants, open_fds  # noqa: F401 (the tests use them as F.*)
+from _procs import (  # noqa: F401 (the tests use them as F.*, beside the fault tasks)
+    is_alive,
+    kill_all,
+    live_descendants,
+    open_fds,
+    wait_dead,
+)
 
 import alloter_mp
 
@@ -133,35 +138,6 @@ def children(d: str | Path) -> list[tuple[int, int, float]]:
 
 def saw_cancel(d: str | Path) -> set[int]:
     return {int(p.name.split(".")[0]) for p in Path(d).glob("*.cancel")}
-
-
-def is_alive(pid: int, created: float | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, given ``created``, is the same process."""
-    try:
-        proc = psutil.Process(pid)
-        if created is not None and abs(proc.create_time() - created) > 0.01:
-            return False  # the pid was reused
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_dead(pids: list[tuple[int, float | None]], timeout: float) -> list[int]:
-    """Wait until every ``(pid, create_time)`` is dead; return the pids still alive."""
-    end = time.monotonic() + timeout
-    while True:
-        alive = [pid for pid, created in pids if is_alive(pid, created)]
-        if not alive or time.monotonic() >= end:
-            return alive
-        time.sleep(0.02)
-
-
-def kill_all(pids: list[tuple[int, float | None]]) -> None:
-    """SIGKILL what a failed check left alive, so the next test starts clean."""
-    for pid, created in pids:
-        if is_alive(pid, created):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
 
 
 # -- the task bodies (module level, so they pickle by reference) ----------------

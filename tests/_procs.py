@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 
 import psutil
@@ -60,17 +61,38 @@ def wait_no_descendants(timeout: float = 5.0) -> list[psutil.Process]:
         time.sleep(0.05)
 
 
+def is_alive(pid: int, created: float | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, given ``created``, is the same process."""
+    try:
+        proc = psutil.Process(pid)
+        if created is not None and abs(proc.create_time() - created) > 0.01:
+            return False  # the pid was reused
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pids: list[tuple[int, float | None]], timeout: float) -> list[int]:
+    """Wait until every ``(pid, create_time)`` is dead; return the pids still alive."""
+    end = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid, created in pids if is_alive(pid, created)]
+        if not alive or time.monotonic() >= end:
+            return alive
+        time.sleep(0.02)
+
+
+def kill_all(pids: list[tuple[int, float | None]]) -> None:
+    """SIGKILL what a failed check left alive, so the next test starts clean."""
+    for pid, created in pids:
+        if is_alive(pid, created):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def pid_gone(pid: int, timeout: float = 5.0) -> bool:
     """True once ``pid`` is dead (a zombie counts as dead) within ``timeout``."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
+    return not wait_dead([(pid, None)], timeout)
 
 
 def open_fds() -> int:

@@ -30,19 +30,48 @@ def record(path, seconds, tag):
     return tag
 
 
+def most_at_once(spans):
+    """The most of the ``(start, end)`` spans that overlap at one moment."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def fail_on(bad, x):
+    """``2 * x``, or ValueError for the item ``bad`` (for map)."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * 2
+
+
 def raise_value_error(message="boom"):
     raise ValueError(message)
 
 
-def segfault():
+def _write_pid(pidfile):
+    if pidfile is not None:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def segfault(delay=0.0, pidfile=None):
+    _write_pid(pidfile)
+    time.sleep(delay)
     ctypes.string_at(0)
 
 
-def exit_now(code=3):
+def exit_now(code=3, delay=0.0, pidfile=None):
+    _write_pid(pidfile)
+    time.sleep(delay)
     os._exit(code)
 
 
-def kill_self(sig=signal.SIGKILL):
+def kill_self(sig=signal.SIGKILL, delay=0.0, pidfile=None):
+    _write_pid(pidfile)
+    time.sleep(delay)
     os.kill(os.getpid(), sig)
     time.sleep(10)
 
@@ -68,8 +97,10 @@ def start_child_and_hang(pidfile):
 
 
 def write_pid_and_sleep(pidfile, seconds):
-    with open(pidfile, "w") as f:
+    # Written aside, then renamed: a reader never sees the file empty.
+    with open(f"{pidfile}.part", "w") as f:
         f.write(str(os.getpid()))
+    os.replace(f"{pidfile}.part", pidfile)
     time.sleep(seconds)
     return seconds
 
@@ -131,6 +162,12 @@ def pid():
     return os.getpid()
 
 
+def stubborn_sleep(seconds):
+    """An impolite sibling: ignores cancellation, so it has to be killed."""
+    time.sleep(seconds)
+    return "should have been killed"
+
+
 def sleep_then_raise(seconds, message="late boom"):
     time.sleep(seconds)
     raise ValueError(message)
@@ -165,3 +202,41 @@ class SlowToPickle:
     def __reduce__(self):
         time.sleep(0.4)
         return (SlowToPickle, ())
+
+
+# -- tasks for the timing of a batch's end (test_ending.py) ------------------------
+# They stamp ``time.monotonic()``, which on Linux is one clock for every process, so
+# a test can place a task's moments on the caller's own time line.
+
+
+def stamp_then_raise(path, delay):
+    """Sleep ``delay`` s, write the moment of failing to ``path``, then raise."""
+    time.sleep(delay)
+    with open(path, "w") as f:
+        f.write(repr(time.monotonic()))
+    raise ValueError("failed on time")
+
+
+def ignore_sigterm_and_sleep(pidfile, seconds=100):
+    """Ignore SIGTERM (only SIGKILL ends it) and sleep, ignoring ``cancelled()``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def exit_on_sigterm(pidfile, marker, seconds=100):
+    """Sleep ignoring ``cancelled()``; on SIGTERM write its moment to ``marker`` and exit.
+
+    Proves from outside that the worker was asked with SIGTERM before any SIGKILL.
+    """
+
+    def on_term(signum, frame):
+        with open(marker, "w") as f:
+            f.write(repr(time.monotonic()))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)

@@ -2,7 +2,8 @@
 
 Tests marked ``ray`` share one local Ray, started on first use and bound to the
 loopback address; they run after every other test, so that Ray's processes and
-threads never sit beside the leak checks of the rest of the suite.
+threads never sit beside the leak checks of the rest of the suite. Without Ray
+installed (the ``ray`` extra), the tests that need it are skipped, saying why.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import _env
 import _procs
 import pytest
 from _procs import wait_no_descendants
@@ -41,6 +43,8 @@ _RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """The session's local Ray (2 CPUs, no dashboard, loopback only)."""
+    if not _env.HAVE_RAY:
+        pytest.skip(_env.NO_RAY)
     saved = dict(os.environ)
     os.environ.update(_RAY_ENV)
     before = {p.pid for p in _procs.live_descendants()}

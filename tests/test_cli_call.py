@@ -7,7 +7,6 @@ check afterwards that no worker is left running them.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from _env import with_repo
+from _procs import kill_all, wait_dead
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -82,11 +80,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path)
-
-
 def call(
     *args: str, lines: list[str], cwd: Path, timeout: float = 45
 ) -> subprocess.CompletedProcess[str]:
@@ -97,7 +90,7 @@ def call(
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
         timeout=timeout,
     )
 
@@ -108,20 +101,9 @@ def out_values(res: subprocess.CompletedProcess[str]) -> list[object]:
 
 def pids_dead(pids: list[int]) -> bool:
     """True once every pid is gone or a zombie (allowing 5 s for the kill to land)."""
-    end = time.monotonic() + 5.0
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > end:
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
-            return not alive
-        time.sleep(0.05)
+    alive = wait_dead([(pid, None) for pid in pids], 5.0)
+    kill_all([(pid, None) for pid in alive])  # do not leak them into the other tests
+    return not alive
 
 
 def read_pids(folder: Path) -> list[int]:
@@ -204,7 +186,7 @@ def test_the_current_directory_is_importable_from_an_entry_script(
         capture_output=True,
         text=True,
         cwd=workdir,
-        env=_env(),
+        env=with_repo(),
         timeout=45,
     )
     assert res.returncode == 0, res.stderr
@@ -324,7 +306,7 @@ def test_interrupt_ends_the_calls(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=workdir,
-            env=_env(),
+            env=with_repo(),
         )
     try:
         end = time.monotonic() + 20
@@ -398,7 +380,7 @@ def test_help_has_examples(workdir: Path) -> None:
         [sys.executable, "-m", "alloter_mp", "call", "--help"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=with_repo(),
         timeout=45,
     )
     assert res.returncode == 0

@@ -6,28 +6,25 @@ so that a job left behind is found by scanning the process table afterwards.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from _env import with_repo
+from _tasks import most_at_once
 
-REPO = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path)
 
 
 def tool(
@@ -39,7 +36,7 @@ def tool(
         input=stdin,
         capture_output=True,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
         timeout=timeout,
     )
     return subprocess.CompletedProcess(
@@ -55,7 +52,7 @@ def start_tool(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
     )
 
 
@@ -225,12 +222,7 @@ def test_at_most_n_jobs_run_at_once(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     spans = [tuple(map(float, (tmp_path / f"{i}.span").read_text().split())) for i in inputs]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak == 2
+    assert most_at_once(spans) == 2
 
 
 def test_one_job_at_a_time_runs_in_input_order(tmp_path: Path) -> None:
@@ -488,10 +480,22 @@ def test_bad_arguments_exit_2_with_an_error_line(args: list[str]) -> None:
 
 
 def test_console_script_is_the_same_command() -> None:
-    exe = shutil.which("alloter-mp")
-    if exe is None:
-        pytest.skip("the package is not installed with its console script")
-    res = subprocess.run(
-        [exe, "run", "--", "echo", ":::", "same"], capture_output=True, text=True, timeout=45
+    # The script pip installed for this interpreter, not the first alloter-mp on PATH
+    # (an older install there would be tested instead).
+    try:
+        dist = importlib.metadata.distribution("alloter-mp")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("alloter-mp is not installed (pip install -e .): no console script")
+    exe = Path(sysconfig.get_path("scripts")) / "alloter-mp"
+    assert exe.is_file(), (
+        f"alloter-mp {dist.version} is installed for {sys.executable}, "
+        f"but its console script is not at {exe}"
     )
-    assert (res.returncode, res.stdout) == (0, "same\n")
+    res = subprocess.run(
+        [str(exe), "run", "--", "echo", ":::", "same"],
+        capture_output=True,
+        text=True,
+        env=with_repo(),
+        timeout=45,
+    )
+    assert (res.returncode, res.stdout) == (0, "same\n"), res.stderr

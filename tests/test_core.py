@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
@@ -71,12 +70,7 @@ def test_limit_bounds_running_tasks(tmp_path):
         tags = a.exec(*[functools.partial(_tasks.record, str(path), 0.15, i) for i in range(6)])
     assert tags == list(range(6))
     spans = [tuple(map(float, line.split()[1:])) for line in path.read_text().splitlines()]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = most = 0
-    for _, delta in events:
-        running += delta
-        most = max(most, running)
-    assert most == 2
+    assert _tasks.most_at_once(spans) == 2
 
 
 def test_threads_share_one_alloter_and_never_mix_results(alloter):
@@ -243,17 +237,6 @@ def test_timeout_kills_the_tasks_own_child_processes(tmp_path):
         assert pid_gone(child, timeout=3), "the task's `sleep 1000` child survived"
 
 
-def test_cancel_grace_zero_kills_at_once(tmp_path):
-    pidfile = tmp_path / "pid"
-    with ProcessAlloter(2, cancel_grace=0) as a:
-        with pytest.raises(TaskError):
-            a.exec(
-                functools.partial(_tasks.write_pid_and_sleep, str(pidfile), 100),
-                functools.partial(_tasks.sleep_then_raise, 0.3),
-            )
-        assert pid_gone(int(pidfile.read_text()), timeout=1.0)
-
-
 # -- fast return and ending siblings ------------------------------------------------
 
 
@@ -402,13 +385,17 @@ def test_exec_with_context_succeeds_and_leaves_context_alone(alloter):
 # -- Go-parity entry points -----------------------------------------------------------
 
 
-def test_alloter_gives_every_task_its_own_process():
+def test_alloter_gives_every_task_its_own_process(tmp_path):
+    path = tmp_path / "spans"
     with Alloter(timeout=20) as a:
         start = time.monotonic()
-        results = a.exec(*[functools.partial(_tasks.sleep_then, 0.5, i) for i in range(6)])
+        results = a.exec(*[functools.partial(_tasks.record, str(path), 0.5, i) for i in range(6)])
         elapsed = time.monotonic() - start
         assert results == list(range(6))
-        assert elapsed < 2.5  # six half-second sleeps at once, not in pairs
+        spans = [tuple(map(float, ln.split()[1:])) for ln in path.read_text().splitlines()]
+        assert _tasks.most_at_once(spans) == 6, "the six half-second sleeps did not all run at once"
+        # In pairs they take at least 1.5 s; at once 0.5 s plus the start of six workers.
+        assert elapsed < 1.4, f"six half-second sleeps took {elapsed:.2f}s"
         pids = a.exec(*[functools.partial(_tasks.sleep_then_pid, 0.3) for _ in range(5)])
         assert len(set(pids)) == 5
         with pytest.raises(TaskError) as info:
@@ -445,23 +432,55 @@ def test_worker_pool_shared_by_alloters_and_closed_only_by_itself():
 # -- leaks and lifetime ------------------------------------------------------------------
 
 
+def _call_returns(a):
+    assert a.exec(lambda: 1, lambda: 2) == [1, 2]
+
+
+def _call_raises(a):
+    with pytest.raises(TaskError) as info:
+        a.exec(_tasks.raise_value_error, functools.partial(_tasks.sleep_then, 1))
+    assert not isinstance(info.value, WorkerCrashed), repr(info.value)
+    assert info.value.index == 0 and isinstance(info.value.__cause__, ValueError)
+
+
+def _call_crashes(a):
+    with pytest.raises(WorkerCrashed) as info:
+        a.exec(functools.partial(_tasks.exit_now, 2))
+    assert (info.value.index, info.value.exitcode) == (0, 2)
+
+
+def _call_times_out(a):
+    with pytest.raises(ExecTimeout):
+        a.exec(functools.partial(_tasks.sleep_then, 5))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_no_process_or_fd_leak_after_300_mixed_calls(tmp_path):
-    mixed = [
-        lambda: [lambda: 1, lambda: 2],
-        lambda: [_tasks.raise_value_error, functools.partial(_tasks.sleep_then, 1)],
-        lambda: [functools.partial(_tasks.exit_now, 2)],
-        lambda: [functools.partial(_tasks.sleep_then, 5)],  # timeout
-    ]
-    with ProcessAlloter(2, timeout=0.3, cancel_grace=0.05) as a:
-        a.exec(*[functools.partial(_tasks.sleep_then, 0.1)] * 2)  # both workers up
+    # Each call checks its own outcome: a leak test that swallowed them would pass
+    # with every call failing (a crash taken for a timeout, say).
+    mixed = [_call_returns, _call_raises, _call_crashes, _call_times_out]
+    with (
+        WorkerPool(2) as pool,
+        ProcessAlloter(2) as untimed,
+        ProcessAlloter(2, timeout=0.3, cancel_grace=0.05) as timed,
+    ):
+        # Both workers up first, without the 0.3 s timeout: run alone, this test
+        # would otherwise start the fork server within its first call's 0.3 s.
+        untimed.with_pool(pool).exec(*[functools.partial(_tasks.sleep_then, 0.1)] * 2)
+        a = timed.with_pool(pool)
         fds = open_fds()
         for i in range(300):
-            with contextlib.suppress(TaskError, ExecTimeout):
-                a.exec(*mixed[i % len(mixed)]())
-        time.sleep(0.5)
-        workers = live_descendants()
-        assert len(workers) <= 2, workers
+            mixed[i % len(mixed)](a)
+
+        def only_workers():
+            workers = {s.pid for s in a.stats()}
+            return {p.pid for p in live_descendants()} == workers and len(workers) <= 2
+
+        end = time.monotonic() + 5
+        while not only_workers() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert only_workers(), (live_descendants(), a.stats())
         assert open_fds() <= fds + 2
     assert not wait_no_descendants()
 

@@ -488,6 +488,31 @@ def test_an_error_filter_of_the_parent_raises_in_the_task_as_it_would_here(worke
     assert shown == []
 
 
+def warn_late() -> bool:
+    loaded = "_latewarning" in sys.modules
+    import _latewarning
+
+    warnings.warn("late", _latewarning.LateWarning, stacklevel=1)
+    return loaded
+
+
+def test_a_filter_never_imports_its_category_in_the_worker(worker):
+    import _latewarning
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", _latewarning.LateWarning)
+        # Its module was not loaded when the batch began: the filter could not apply
+        # there, so the warning is shown here rather than lost.
+        (status, loaded), _ = worker.run(warn_late)
+        assert (status, loaded) == ("ok", False)
+        assert [w.category for w in shown] == [_latewarning.LateWarning]
+        # From the next batch on the worker has the module, and the filter.
+        (status, text), _ = worker.run(warn_late)
+    assert status == "err" and "LateWarning: late" in text
+    assert len(shown) == 1
+
+
 def test_warnings_are_not_relayed_with_the_relay_off(worker):
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
@@ -567,9 +592,9 @@ def test_a_failing_filter_of_the_parent_does_not_stop_the_other_records(logs, ca
 
 
 def test_the_logs_message_kind_is_not_one_of_the_workers():
-    from alloter_mp import _worker
+    from alloter_mp import _sight, _worker
 
     kinds = [getattr(_worker, name) for name in _worker.__all__ if name.isupper()]
     kinds.remove(_worker.SKIPPED)  # a result code, not a message kind
-    assert len(set(kinds)) == len(kinds) == 8
-    assert LOGS not in kinds
+    kinds += [LOGS, _sight.CONFIG, _sight.OUTPUT]
+    assert len(set(kinds)) == len(kinds) == 11

@@ -10,13 +10,7 @@ import _tasks
 import pytest
 from _procs import pid_gone
 
-from alloter_mp import ExecTimeout, ProcessAlloter, TaskError
-
-
-def fail_on(bad, x):
-    if x == bad:
-        raise ValueError(f"bad item {x}")
-    return x * 2
+from alloter_mp import ExecTimeout, ProcessAlloter, TaskError, WorkerPool
 
 
 def slow_double(x):
@@ -39,7 +33,7 @@ def test_map_of_nothing(alloter):
 @pytest.mark.parametrize("chunksize", [None, 1, 10])
 def test_map_failure_names_the_item_index(alloter, chunksize):
     with pytest.raises(TaskError) as info:
-        alloter.map(functools.partial(fail_on, 37), range(100), chunksize=chunksize)
+        alloter.map(functools.partial(_tasks.fail_on, 37), range(100), chunksize=chunksize)
     assert info.value.index == 37
     assert isinstance(info.value.__cause__, ValueError)
     assert "bad item 37" in info.value.remote_traceback
@@ -118,12 +112,65 @@ def test_map_timeout_counts_from_the_call(alloter):
         a.close()
 
 
-def test_map_respects_limit_and_fail_fast_timing():
-    with ProcessAlloter(2, cancel_grace=0.1) as a:
-        start = time.monotonic()
-        with pytest.raises(TaskError):
-            a.map(functools.partial(fail_on, 0), range(10_000), chunksize=1)
-        assert time.monotonic() - start < 5
+def spanned(path, fail_at, long_item, x):
+    """An item that logs its start and end (monotonic) to ``path``.
+
+    Item ``long_item`` sleeps 100 s ignoring ``cancelled()``; item ``fail_at`` raises
+    (its end is the moment it fails); the others sleep 20 ms.
+    """
+    with open(path, "a") as f:
+        f.write(f"s {x} {time.monotonic()}\n")
+    time.sleep(100 if x == long_item else 0.02)
+    with open(path, "a") as f:
+        f.write(f"e {x} {time.monotonic()}\n")
+    if x == fail_at:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def _spans(path, until):
+    """``{item: (start, end)}``; an item still running (or killed) ends at ``until``."""
+    starts, ends = {}, {}
+    for line in path.read_text().splitlines():
+        kind, x, t = line.split()
+        (starts if kind == "s" else ends)[int(x)] = float(t)
+    return {x: (t, ends.get(x, until)) for x, t in starts.items()}
+
+
+@pytest.mark.parametrize("pool_size", [None, 4], ids=["own-pool", "shared-pool-of-4"])
+def test_map_respects_limit_and_fail_fast_timing(tmp_path, pool_size):
+    # limit 2, also on a pool of 4 workers shared with nobody: the limit, not the
+    # pool, must hold the map to two items at once.
+    limit, fail_at, long_item, grace = 2, 20, 1, 1.0
+    path = tmp_path / "spans"
+    fn = functools.partial(spanned, str(path), fail_at, long_item)
+    pool = WorkerPool(pool_size) if pool_size else None
+    base = ProcessAlloter(limit, cancel_grace=grace)
+    a = base.with_pool(pool) if pool else base
+    try:
+        with pytest.raises(TaskError) as info:
+            a.map(fn, range(10_000), chunksize=1)
+        t_raise = time.monotonic()
+        spans = _spans(path, until=t_raise)
+        time.sleep(0.2)  # an item that starts late would show now
+        late_spans = _spans(path, until=t_raise)
+    finally:
+        a.close()
+        base.close()
+        if pool is not None:
+            pool.close()
+    assert info.value.index == fail_at
+    assert isinstance(info.value.__cause__, ValueError)
+    t_fail = spans[fail_at][1]
+    # Fast return: the long item (killed only after its 1 s grace) is not awaited.
+    assert t_raise - t_fail < 0.3, f"map raised {t_raise - t_fail:.3f}s after the failure"
+    # The limit: never more than two items at once (and two did run at once).
+    most = _tasks.most_at_once(spans.values())
+    assert most == limit, f"{most} items ran at once under limit {limit}"
+    # Queued items never start: only those before the failure, and at most one per
+    # worker that was handed its next item just as the failure came in.
+    assert set(range(fail_at + 1)) <= set(late_spans), sorted(late_spans)
+    assert len(late_spans) <= fail_at + 1 + limit, f"{len(late_spans)} items started"
 
 
 def test_bad_map_arguments(alloter):

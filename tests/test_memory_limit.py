@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import _tasks
 import pytest
 
 from alloter_mp import (
@@ -52,15 +53,6 @@ def hog(log_path: str, total: int = 400 * MiB) -> str:
         log.flush()
         time.sleep(30)  # hold it all: only the limit (or the timeout) can end this task
     return "held 400 MiB"
-
-
-def stubborn_sleep(seconds: float) -> str:
-    time.sleep(seconds)
-    return "should have been killed"
-
-
-def tiny() -> int:
-    return os.getpid()
 
 
 def use(mib: int) -> int:
@@ -117,10 +109,10 @@ def check_the_kill(
 def test_exec_raises_memory_limit_exceeded_and_the_pool_heals(tmp_path: Path) -> None:
     log = tmp_path / "hog.log"
     with ProcessAlloter(2, memory_limit=LIMIT, cancel_grace=0.2) as alloter:
-        before = set(alloter.exec(tiny, tiny))
+        before = set(alloter.exec(_tasks.pid, _tasks.pid))
         started = time.monotonic()
         with pytest.raises(MemoryLimitExceeded) as info:
-            alloter.exec(lambda: hog(str(log)), lambda: stubborn_sleep(30))
+            alloter.exec(lambda: hog(str(log)), lambda: _tasks.stubborn_sleep(30))
         raised_at = time.monotonic()
         assert raised_at - started < 2.0  # fast return, not after the sibling's 30 s
         check_the_kill(info.value, log, raised_at)
@@ -128,7 +120,7 @@ def test_exec_raises_memory_limit_exceeded_and_the_pool_heals(tmp_path: Path) ->
         assert dead in before
 
         # The pool heals: the dead worker is replaced and the next call works.
-        after = alloter.exec(tiny, tiny, lambda: use(50))
+        after = alloter.exec(_tasks.pid, _tasks.pid, lambda: use(50))
         assert after[2] == 50 * MiB
         assert dead not in after[:2]
         live = {row.pid for row in alloter.stats()}
@@ -146,8 +138,10 @@ def test_exec_report_shows_the_kill_and_the_ended_siblings(tmp_path: Path) -> No
     # cancel_grace=0: the sibling is killed at once, so the report is back as soon as
     # the parent knows of the kill and the time it took can be checked.
     with ProcessAlloter(2, memory_limit=LIMIT, cancel_grace=0.0) as alloter:
-        alloter.exec(tiny, tiny)
-        report = alloter.exec_report(lambda: hog(str(log)), lambda: stubborn_sleep(30), tiny, tiny)
+        alloter.exec(_tasks.pid, _tasks.pid)
+        report = alloter.exec_report(
+            lambda: hog(str(log)), lambda: _tasks.stubborn_sleep(30), _tasks.pid, _tasks.pid
+        )
         raised_at = time.monotonic()
         statuses = [t.status for t in report.tasks]
         assert statuses == ["crashed", "cancelled", "skipped", "skipped"]
@@ -162,12 +156,12 @@ def test_exec_report_shows_the_kill_and_the_ended_siblings(tmp_path: Path) -> No
         with pytest.raises(MemoryLimitExceeded):
             report.raise_for_status()
         assert report.to_dict()["tasks"][0]["error"]["type"] == "MemoryLimitExceeded"
-        assert alloter.exec_report(tiny, tiny).ok
+        assert alloter.exec_report(_tasks.pid, _tasks.pid).ok
 
 
 def test_tasks_under_the_limit_are_left_alone() -> None:
     with ProcessAlloter(1, memory_limit=LIMIT) as alloter:
-        report = alloter.exec_report(lambda: use(80), lambda: use(80), tiny)
+        report = alloter.exec_report(lambda: use(80), lambda: use(80), _tasks.pid)
         assert alloter.exec(lambda: use(80)) == [80 * MiB]
     assert report.ok, str(report)
     assert [t.status for t in report.tasks] == ["ok", "ok", "ok"]

@@ -125,6 +125,7 @@ class RayTarget(Target):
 RAY = RayTarget()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60 + 5 * RAY_EXAMPLES)
 @settings(_settings, max_examples=RAY_EXAMPLES)
 @given(sc=scenarios(RAY_MEMORY_LIMIT))

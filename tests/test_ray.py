@@ -1,13 +1,15 @@
 """RayAlloter on a real local Ray: the outcomes of the process alloter, on Ray.
 
 The session's Ray (``ray_session`` in conftest) has 2 CPUs and listens on the
-loopback address only. The task functions below are module-level on purpose: they
-travel by reference, so the Ray workers import this module, as they would a user's.
+loopback address only. The task functions (below, and those shared with the other
+tests in ``_tasks``) are module-level on purpose: they travel by reference, so the
+Ray workers import their modules, as they would a user's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -22,7 +25,19 @@ from typing import Any
 
 import psutil
 import pytest
+from _env import REPO, needs_ray, without_ray_settings
 from _procs import pid_gone
+from _tasks import (
+    exit_now,
+    fail_on,
+    ignore_sigterm_and_spin,
+    kill_self,
+    most_at_once,
+    raise_two_arg,
+    return_lock,
+    segfault,
+    value,
+)
 
 import alloter_mp
 from alloter_mp import (
@@ -79,23 +94,8 @@ def ralloter(ray_session: Any) -> Iterator[RayAlloter]:
 # -- tasks (run in Ray workers) --------------------------------------------------
 
 
-def value(x: Any) -> Any:
-    return x
-
-
 def square(x: int) -> int:
     return x * x
-
-
-def fail_on(bad: int, x: int) -> int:
-    if x == bad:
-        raise ValueError(f"bad item {x}")
-    return x
-
-
-def sleep_then_raise(seconds: float) -> None:
-    time.sleep(seconds)
-    raise ValueError("late boom")
 
 
 def raise_at(path: str, seconds: float, after: str | None = None) -> None:
@@ -126,11 +126,6 @@ def spin(pidfile: str) -> None:
     Path(pidfile).write_text(str(os.getpid()))
     while True:
         pass
-
-
-def spin_ignoring_sigterm(pidfile: str) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spin(pidfile)
 
 
 def spin_holding_the_gil(pidfile: str) -> int:
@@ -197,34 +192,6 @@ def in_task_view() -> tuple[bool, float | None, int]:
     return alloter_mp.cancelled(), alloter_mp.time_left(), os.getpid()
 
 
-def exit_now(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os._exit(3)
-
-
-def segfault(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def kill_self(delay: float = 0.0) -> None:
-    time.sleep(delay)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TwoArgError(Exception):
-    def __init__(self, a: Any, b: Any) -> None:
-        super().__init__(f"{a}/{b}")
-
-
-def raise_two_arg() -> None:
-    raise TwoArgError(1, 2)
-
-
-def return_lock() -> Any:
-    return threading.Lock()
-
-
 def big_result(size: int) -> bytes:
     return b"x" * size
 
@@ -237,6 +204,62 @@ def hog(step: int, most: int) -> int:
             held[-1][i] = 1
         time.sleep(0.002)
     return len(held)
+
+
+def log_lines(n: int, tag: str = "line") -> int:
+    log = logging.getLogger("raytest")
+    log.debug("%s debug", tag)
+    for i in range(n):
+        log.info("%s %d", tag, i)
+    return os.getpid()
+
+
+def log_item(x: int) -> int:
+    logging.getLogger("raytest").warning("item %d", x)
+    return x
+
+
+class RayTestWarning(UserWarning):
+    pass
+
+
+def warn_once() -> int:
+    warnings.warn("from ray", RayTestWarning, stacklevel=1)
+    return 1
+
+
+def write_out(tag: str) -> str:
+    print(f"print {tag}")
+    os.write(2, f"fd2 {tag}\n".encode())
+    subprocess.run(["echo", f"child {tag}"], check=True)
+    return tag
+
+
+def print_then_raise(text: str) -> None:
+    print(text)
+    raise ValueError(text)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def ray_logs() -> Iterator[_Collect]:
+    logger = logging.getLogger("raytest")
+    handler = _Collect()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -257,15 +280,6 @@ def _spans(path: Path) -> list[tuple[float, float]]:
     ]
 
 
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
-
-
 # -- results ------------------------------------------------------------------------
 
 
@@ -284,7 +298,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
     with RayAlloter(1) as a:
         assert a.limit == 1
         a.exec(*[partial(record, str(spans), 0.1) for _ in range(4)])
-        assert _most_at_once(_spans(spans)) == 1
+        assert most_at_once(_spans(spans)) == 1
     spans.unlink()
     with RayAlloter(2) as a:
         threads = [
@@ -296,7 +310,7 @@ def test_limit_bounds_tasks_in_flight_across_calls(ray_session: Any, tmp_path: P
         for t in threads:
             t.join(60)
         assert len(_spans(spans)) == 6
-        assert _most_at_once(_spans(spans)) <= 2
+        assert most_at_once(_spans(spans)) <= 2
 
 
 def test_limit_none_is_the_clusters_cpus(ray_session: Any) -> None:
@@ -333,7 +347,7 @@ def test_first_failure_raises_with_remote_traceback_and_ends_siblings(
 def test_a_task_ignoring_sigterm_is_still_ended(ralloter: RayAlloter, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     report = ralloter.exec_report(
-        partial(raise_after, str(pidfile)), partial(spin_ignoring_sigterm, str(pidfile))
+        partial(raise_after, str(pidfile)), partial(ignore_sigterm_and_spin, str(pidfile))
     )
     (pid,) = _read_pid(pidfile)
     assert pid_gone(pid, timeout=0.3 + BOUND + SLACK)
@@ -380,18 +394,24 @@ def test_queued_tasks_never_start_and_report_says_so(ralloter: RayAlloter, tmp_p
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 @pytest.mark.parametrize("crash", [exit_now, segfault, kill_self])
-def test_dead_worker_is_worker_crashed(ralloter: RayAlloter, crash: Any, delay: float) -> None:
+def test_dead_worker_is_worker_crashed(
+    ralloter: RayAlloter, tmp_path: Path, crash: Any, delay: float
+) -> None:
+    pidfile = tmp_path / "pid"
     with pytest.raises(WorkerCrashed) as info:
-        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay))
+        ralloter.exec(lambda: time.sleep(0.2), partial(crash, delay=delay, pidfile=str(pidfile)))
     assert info.value.index == 1
     assert info.value.exitcode is None  # Ray does not report how a worker died
     assert "died" in str(info.value)
     # The worker's pid, as the task told the board when it started: not waited for,
-    # so a task that dies at once may not have told it.
+    # so a task that dies at once may not have told it. When given, it is the
+    # process the task ran in (pid_gone alone would pass for a pid that never was).
     pid = info.value.pid
     if delay:
-        assert pid is not None and pid != os.getpid()
+        assert pid is not None
     if pid is not None:
+        (ran_in,) = _read_pid(pidfile)
+        assert pid == ran_in, f"WorkerCrashed names process {pid}, the task ran in {ran_in}"
         assert pid_gone(pid, timeout=5.0)
     # Nothing is retried, and the alloter goes on.
     assert ralloter.exec(lambda: 5) == [5]
@@ -541,13 +561,12 @@ def test_progress_bar(ray_session: Any, capfd: pytest.CaptureFixture[str]) -> No
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     # The session fixture's Ray settings are left out: the child decides for itself.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**base, **env},
+        env=without_ray_settings(**env),
     )
 
 
@@ -696,6 +715,7 @@ def test_a_forced_cancel_does_not_crash_the_next_call(ray_session: Any, tmp_path
             assert a.exec(*[partial(value, i) for i in range(5)]) == list(range(5))
 
 
+@needs_ray
 def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
     # The program's own local Ray (not the session's): its tasks and its core
     # processes go when the program dies without a chance to shut Ray down.
@@ -719,8 +739,8 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    job = subprocess.Popen([sys.executable, str(script)], env={**env, "RAY_AUTH_MODE": "disabled"})
+    env = without_ray_settings(RAY_AUTH_MODE="disabled")
+    job = subprocess.Popen([sys.executable, str(script)], env=env)
     try:
         (task_pid,) = _read_pid(pidfile, timeout=60)
         ray_core = [
@@ -739,15 +759,15 @@ def test_sigkill_of_the_program_ends_the_ray_it_started(tmp_path: Path) -> None:
         job.wait(10)
 
 
+@needs_ray
 def test_the_ray_example_runs() -> None:
-    example = Path(__file__).parent.parent / "examples" / "ray_fanout.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    example = REPO / "examples" / "ray_fanout.py"
     out = subprocess.run(
         [sys.executable, str(example)],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**env, "RAY_AUTH_MODE": "disabled"},
+        env=without_ray_settings(RAY_AUTH_MODE="disabled"),
     )
     assert out.returncode == 0, out.stderr
     assert "primes below 1,200,000: 92,938" in out.stdout
@@ -770,3 +790,121 @@ def test_an_alloter_dropped_without_close_ends_its_thread(ray_session: Any) -> N
     while threads() > before and time.monotonic() < end:
         time.sleep(0.02)
     assert threads() == before
+
+
+# -- seeing inside a task (contract section 10) ----------------------------------------
+
+
+def test_records_of_ray_tasks_reach_the_callers_handlers(
+    ralloter: RayAlloter, ray_logs: _Collect
+) -> None:
+    pids = ralloter.exec(*[partial(log_lines, 20, f"t{i}") for i in range(3)])
+    for i in range(3):
+        mine = [r for r in ray_logs.records if r.getMessage().startswith(f"t{i} ")]
+        # The caller's level (INFO) applies: no debug record.
+        assert [r.getMessage() for r in mine] == [f"t{i} {k}" for k in range(20)]
+        assert {r.task_index for r in mine} == {i}
+        assert {r.process for r in mine} == {pids[i]} != {os.getpid()}
+    ray_logs.records.clear()
+    assert ralloter.map(log_item, range(30), chunksize=7) == list(range(30))
+    got = sorted((r.task_index, r.getMessage()) for r in ray_logs.records)
+    assert got == [(i, f"item {i}") for i in range(30)]
+    ray_logs.records.clear()
+    ralloter.with_options(relay_logs=False).exec(partial(log_lines, 3))
+    assert ray_logs.records == []
+
+
+def test_warnings_of_ray_tasks_are_shown_under_the_callers_filters(ralloter: RayAlloter) -> None:
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        ralloter.exec(warn_once)
+    assert [(w.category, str(w.message)) for w in shown] == [(RayTestWarning, "from ray")]
+
+
+def test_output_of_ray_tasks_is_captured(ralloter: RayAlloter) -> None:
+    captured = ralloter.with_options(capture_output=True)
+    report = captured.exec_report(partial(write_out, "a"), partial(write_out, "b"))
+    assert [(t.stdout, t.stderr) for t in report.tasks] == [
+        ("print a\nchild a\n", "fd2 a\n"),
+        ("print b\nchild b\n", "fd2 b\n"),
+    ]
+    with pytest.raises(TaskError) as info:
+        captured.exec(partial(print_then_raise, "doomed"))
+    assert (info.value.stdout, info.value.stderr) == ("doomed\n", "")
+    assert ralloter.exec_report(partial(write_out, "c")).tasks[0].stdout is None
+
+
+# -- the awaitable calls (section 8) ------------------------------------------------
+
+
+async def _await_pids(path: Path, timeout: float = 30.0) -> list[int]:
+    import asyncio
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return [int(p) for p in path.read_text().split()]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no pid in {path}")
+
+
+def test_async_calls_have_the_plain_outcomes(ralloter: RayAlloter) -> None:
+    import asyncio
+
+    async def numbers(n: int) -> Any:
+        for i in range(n):
+            yield i
+
+    async def main() -> None:
+        assert await ralloter.exec_async(partial(value, 1), partial(square, 3)) == [1, 9]
+        with pytest.raises(TaskError) as info:
+            await ralloter.exec_async(partial(value, 1), partial(fail_on, 2, 2))
+        assert info.value.index == 1
+        report = await ralloter.exec_report_async(partial(square, 4))
+        assert report.tasks[0].status == "ok" and report.tasks[0].result == 16
+        assert await ralloter.map_async(square, range(30)) == [x * x for x in range(30)]
+        assert await ralloter.map_async(square, numbers(10)) == [x * x for x in range(10)]
+        got = [x async for x in ralloter.imap_async(square, numbers(20), chunksize=3)]
+        assert got == [x * x for x in range(20)]
+        many = await asyncio.gather(*[ralloter.exec_async(partial(value, i)) for i in range(200)])
+        assert many == [[i] for i in range(200)]
+
+    asyncio.run(main())
+
+
+def test_async_cancellation_ends_the_ray_task(ralloter: RayAlloter, tmp_path: Path) -> None:
+    import asyncio
+
+    pidfile = tmp_path / "pid"
+
+    async def main() -> float:
+        task = asyncio.ensure_future(ralloter.exec_async(partial(spin_with_child, str(pidfile))))
+        pid, child = await _await_pids(pidfile)
+        started = time.monotonic()
+        task.cancel("stop")
+        with pytest.raises(asyncio.CancelledError) as info:
+            await task
+        assert info.value.args == ("stop",)
+        elapsed = time.monotonic() - started
+        assert pid_gone(pid, timeout=0.5), "the Ray task outlived its await"
+        assert pid_gone(child, timeout=5.0), "the task's child outlived its await"
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 0.3 + BOUND + SLACK, elapsed  # the grace, the bound, the slack
+
+
+def test_async_timeout_on_ray(ray_session: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    pidfile = tmp_path / "pid"
+
+    async def main() -> None:
+        with RayAlloter(2, cancel_grace=0.0) as a:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(a.exec_async(partial(spin, str(pidfile))), 2.0)
+            (pid,) = await _await_pids(pidfile)
+            assert pid_gone(pid, timeout=BOUND + SLACK)
+            assert await a.exec_async(lambda: 5) == [5]
+
+    asyncio.run(main())

@@ -16,9 +16,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+from _tasks import pid, stubborn_sleep
 
 import alloter_mp
 from alloter_mp import (
@@ -41,10 +43,6 @@ STATUSES = {"ok", "error", "crashed", "timeout", "cancelled", "skipped"}
 
 def tiny() -> int:
     return 1
-
-
-def pid() -> int:
-    return os.getpid()
 
 
 def burn(seconds: float) -> float:
@@ -82,12 +80,6 @@ def sleep_until_cancelled(limit: float) -> str:
             return "stopped early"
         time.sleep(0.005)
     return "ran to the end"
-
-
-def stubborn_sleep(seconds: float) -> str:
-    """An impolite sibling: ignores cancellation, so it has to be killed."""
-    time.sleep(seconds)
-    return "should have been killed"
 
 
 def allocate(mib: int) -> int:
@@ -208,6 +200,15 @@ def test_every_status_is_reachable() -> None:
     assert seen == STATUSES
 
 
+# What each case must raise, named (comparing exec's error with the report's alone
+# would pass if both were wrong alike): the exact type, its index, and a check.
+_RAISES: dict[str, tuple[type[BaseException], int | None, Any]] = {
+    "error": (TaskError, 1, lambda e: isinstance(e.__cause__, ValueError)),
+    "crash": (WorkerCrashed, 2, lambda e: e.exitcode == 5),
+    "timeout": (ExecTimeout, None, lambda e: isinstance(e, TimeoutError)),
+}
+
+
 @pytest.mark.parametrize("case", ["ok", "error", "crash", "timeout"])
 def test_raise_for_status_raises_what_exec_raises(case: str) -> None:
     tasks = {
@@ -223,18 +224,19 @@ def test_raise_for_status_raises_what_exec_raises(case: str) -> None:
             expected = exc
         report = alloter.exec_report(*tasks)
     if case == "ok":
+        assert expected == [1, 1]
         assert report.ok
         assert report.raise_for_status() is None
         assert report.results == expected
         return
-    assert isinstance(expected, Exception)
+    kind, index, check = _RAISES[case]
+    assert type(expected) is kind, f"exec raised {expected!r}, not a {kind.__name__}"
+    assert getattr(expected, "index", None) == index and check(expected), repr(expected)
     assert not report.ok
-    with pytest.raises(type(expected)) as info:
+    with pytest.raises(kind) as info:
         report.raise_for_status()
-    assert type(info.value) is type(expected)
-    assert getattr(info.value, "index", None) == getattr(expected, "index", None)
-    if case == "crash":
-        assert info.value.exitcode == expected.exitcode == 5  # type: ignore[attr-defined]
+    assert type(info.value) is kind, f"raise_for_status raised {info.value!r}"
+    assert getattr(info.value, "index", None) == index and check(info.value), repr(info.value)
 
 
 # -- figures ---------------------------------------------------------------------

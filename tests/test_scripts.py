@@ -15,14 +15,9 @@ from types import ModuleType
 
 import psutil
 import pytest
+from _env import REPO, with_repo
 
-REPO = Path(__file__).resolve().parent.parent
 CHECKSUM = REPO / "scripts" / "checksum_tree.py"
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path)
 
 
 def checksum(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,7 +26,7 @@ def checksum(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=_env(),
+        env=with_repo(),
         timeout=45,
     )
 
@@ -112,7 +107,7 @@ def test_timeout_stops_the_hashing(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=with_repo(),
     )
     started = time.monotonic()
     seen: set[psutil.Process] = set()
@@ -187,7 +182,7 @@ def test_bench_quick_smoke() -> None:
         [sys.executable, str(BENCH), "--quick", "--libs", "ours,ppe", "--workloads", "rt,cold"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=with_repo(),
         timeout=50,
     )
     assert res.returncode == 0, res.stderr

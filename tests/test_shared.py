@@ -14,6 +14,7 @@ import functools
 import gc
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,11 @@ def family() -> list[int]:
     return [os.getpid(), *(p.pid for p in _procs.live_descendants())]
 
 
+# A segment's name: alloter_mp-<pid of its maker> (the log journal and the capture
+# files are anonymous files too, named otherwise, and live as long as their worker).
+SEGMENT = re.compile(rf"{S.MEMFD}-\d+")
+
+
 def holders(pids: list[int] | None = None) -> list[str]:
     """Descriptors and mappings of our segments in ``pids`` (default: the family)."""
     found = []
@@ -58,12 +64,12 @@ def holders(pids: list[int] | None = None) -> list[str]:
         try:
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 try:
-                    if S.MEMFD in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    if SEGMENT.search(os.readlink(f"/proc/{pid}/fd/{fd}")):
                         found.append(f"{pid} fd {fd}")
                 except OSError:
                     pass
             with open(f"/proc/{pid}/maps") as f:
-                found.extend(f"{pid} map" for line in f if S.MEMFD in line)
+                found.extend(f"{pid} map" for line in f if SEGMENT.search(line))
         except OSError:  # gone meanwhile
             pass
     return found

@@ -3,6 +3,7 @@ the run has no data for it (a workload or library left out, or failed)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -220,5 +221,93 @@ def issue15(run: Run) -> list[str]:
     return out
 
 
+# ---- issue 14
+
+
+def issue14(run: Run) -> list[str]:
+    out, line = _section("Targets (issue 14):")
+    ours = _med(run, "logs", "alloter_mp")
+    ref = _med(run, "logs", "ref: the same logging in the caller")
+    r = ours / ref if ours and ref else None
+    line(
+        r <= 3.0 if r else None,
+        "a task's 10,000 INFO records to a handler of the caller <= 3x the same logging "
+        "in one process: "
+        + (f"{r:.2f}x ({ours:.1f} ms vs {ref:.1f} ms)" if r and ours and ref else "no data"),
+    )
+    cells = run.results.get("logs", {}).get("alloter_mp", [])
+    ahead = [c.extra["ahead_records"] for c in cells if "ahead_records" in c.extra]
+    line(
+        min(ahead) > 0 if ahead else None,
+        "a stuck handler of the caller does not stop a task before the pipe's buffer is "
+        "full: "
+        + (f"the task ran {min(ahead):,} records ahead, then waited" if ahead else "no data"),
+    )
+    n = f"{run.cfg.n_tasks:,}"
+    on = _med(run, "relay", "alloter_mp")
+    off = _med(run, "relay", "alloter_mp (relay_logs=False)")
+    cells = run.results.get("relay", {}).get("alloter_mp", [])
+    ratios = [c.extra["pair_ratio"] for c in cells if "pair_ratio" in c.extra]
+    r = statistics.median(ratios) if ratios else None
+    line(
+        r >= 0.95 if r else None,
+        f"exec of {n} tiny tasks with the log relay on (nothing logged) within 5 % of it "
+        "off: "
+        + (
+            f"{r:.3f}x within interleaved pairs (medians {_rate(on)} vs {_rate(off)} tasks/s)"
+            if r
+            else "no data"
+        ),
+    )
+    return out
+
+
+# ---- issue 12
+
+
+def issue12(run: Run) -> list[str]:
+    out, line = _section("Targets (issue 12):")
+    n = f"{run.cfg.n_tasks:,}"
+    ppe = PPE().name
+    ours = _med(run, "xsubmit", "alloter_mp")
+    ref = _med(run, "xsubmit", ppe)
+    r = ours / ref if ours and ref else None
+    line(
+        r >= 2.0 if r else None,
+        f"executor: {n} no-op submits then wait >= 2.0x {ppe}: "
+        + (f"{r:.2f}x ({_rate(ours)} vs {_rate(ref)} calls/s)" if r else "no data"),
+    )
+    ours = _med(run, "xrt", "alloter_mp")
+    ref = _med(run, "xrt", ppe)
+    r = ours / ref if ours and ref else None
+    line(
+        r <= 1.0 if r else None,
+        f"executor: warm round trip <= 1.0x {ppe}'s: "
+        + (f"{r:.2f}x ({ours:.0f} us vs {ref:.0f} us)" if ours and ref else "no data"),
+    )
+    ours = _med(run, "art", "alloter_mp")
+    ref = _med(run, "art", "alloter_mp (plain exec)")
+    r = ours / ref if ours and ref else None
+    line(
+        r <= 1.2 if r else None,
+        "await exec_async(one task) <= 1.2x the plain exec round trip: "
+        + (f"{r:.2f}x ({ours:.0f} us vs {ref:.0f} us)" if ours and ref else "no data"),
+    )
+    cells = run.results.get("acancel", {}).get("alloter_mp", [])
+    ours = _med(run, "acancel", "alloter_mp")
+    gone = all(c.extra.get("gone") for c in cells if c.value is not None)
+    line(
+        (ours <= 100.0 and gone) if ours is not None else None,
+        "cancelling an awaiting task (spinning task, cancel_grace=0): await back and "
+        "process gone within 100 ms: "
+        + (
+            f"{ours:.1f} ms, process {'gone' if gone else 'STILL ALIVE'}"
+            if ours is not None
+            else "no data"
+        ),
+    )
+    return out
+
+
 def render_targets(run: Run) -> list[str]:
-    return [*issue4(run), "", *issue15(run)]
+    return [*issue4(run), "", *issue15(run), "", *issue14(run), "", *issue12(run)]

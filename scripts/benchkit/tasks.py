@@ -60,3 +60,31 @@ def spin_forever(pidfile: str) -> None:
 def whoami(_: object = None) -> int:
     """The pid of the process running the task (checks that work left the parent)."""
     return os.getpid()
+
+
+def log_records(n: int) -> int:
+    """Emit ``n`` INFO records on the "bench" logger (relayed to the caller's handlers
+    by alloter_mp); returns ``n``."""
+    import logging
+
+    log = logging.getLogger("bench")
+    for i in range(n):
+        log.info("record %d of %s", i, n)
+    return n
+
+
+def log_marking(n: int, path: str) -> int:
+    """Like ``log_records``, writing how many records it has emitted to ``path`` every
+    100 records (so the caller can see how far it got while its handler is stuck)."""
+    import logging
+
+    log = logging.getLogger("bench")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(n):
+            if i % 100 == 0:
+                os.pwrite(fd, f"{i:<12}".encode(), 0)
+            log.info("record %d of %s", i, n)
+    finally:
+        os.close(fd)
+    return n

@@ -4,11 +4,19 @@ Each adapter offers the same operations on one library:
 
   start(w) / stop() / abort()       a warm pool for the "warm" workloads
   submit_each(fn, args) -> list     one submit per task ``fn(x)``, wait for all results
+  submit_each_quiet(fn, args)       the same with the library's log relay off (alloter_mp)
   map(fn, items, chunk) -> list     the library's map at a chunk size
   one(fn, arg)                      one task, wait for its result
   cold(w)                           new pool, 2 no-op tasks, close (joined)
   failfast(w, sleepers, s)          -> (time.time() the caller saw the error, exc)
   timeout(w, pidfile, t)            -> (seconds until the caller had control, finish())
+  ex_submit_each(fn, args) -> list  one submit per task on the library's
+                                    concurrent.futures-style executor, wait for all
+  ex_one(fn, arg)                   one call on that executor, wait for its result
+  async_rt(fn, arg, n)              -> ([s per awaited call], [s per plain call]),
+                                    interleaved in one event loop
+  async_cancel(pidfile)             -> (s from cancel() to the await's return, pid
+                                    gone then?) for a spinning task, grace 0
 
 An adapter that cannot do an operation leaves it out; ``can(op)`` tells, and a
 workload names the operations it ``needs``.  A new capability is a new method here
@@ -62,6 +70,9 @@ class Lib:
     def submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
         raise NotImplementedError
 
+    def submit_each_quiet(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
     def map(self, fn: Callable[..., Any], items: list[Any], chunk: Any) -> list[Any]:
         raise NotImplementedError
 
@@ -75,6 +86,18 @@ class Lib:
         raise NotImplementedError
 
     def timeout(self, w: int, pidfile: str, t: float) -> tuple[float, Callable[[], None]]:
+        raise NotImplementedError
+
+    def ex_submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def ex_one(self, fn: Callable[..., Any], arg: Any) -> Any:
+        raise NotImplementedError
+
+    def async_rt(self, fn: Callable[..., Any], arg: Any, n: int) -> tuple[list[float], list[float]]:
+        raise NotImplementedError
+
+    def async_cancel(self, pidfile: str) -> tuple[float, bool]:
         raise NotImplementedError
 
 

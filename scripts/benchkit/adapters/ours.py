@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -51,10 +52,88 @@ class Ours(Lib):
         self.a.map(T.noop, warm_items(w))
 
     def stop(self) -> None:
+        if getattr(self, "ex", None) is not None:
+            self.ex.shutdown(wait=True)
+            self.ex = None
         self.a.close()
+
+    def _executor(self) -> Any:
+        # The warm alloter's executor: the same face as alloter_mp.ProcessPoolExecutor,
+        # on the session's warm workers.
+        if getattr(self, "ex", None) is None:
+            self.ex = self.a.executor()
+            [f.result() for f in [self.ex.submit(T.noop, i) for i in range(20)]]
+        return self.ex
+
+    def ex_submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        ex = self._executor()
+        fs = [ex.submit(fn, x) for x in args]
+        return [f.result() for f in fs]
+
+    def ex_one(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return self._executor().submit(fn, arg).result()
+
+    def async_rt(self, fn: Callable[..., Any], arg: Any, n: int) -> tuple[list[float], list[float]]:
+        import asyncio
+
+        a = self.a
+
+        async def both() -> tuple[list[float], list[float]]:
+            awaited: list[float] = []
+            plain: list[float] = []
+            for _ in range(10):
+                await a.exec_async(functools.partial(fn, arg))
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await a.exec_async(functools.partial(fn, arg))
+                awaited.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                a.exec(functools.partial(fn, arg))
+                plain.append(time.perf_counter() - t0)
+            return awaited, plain
+
+        return asyncio.run(both())
+
+    def async_cancel(self, pidfile: str) -> tuple[float, bool]:
+        import asyncio
+
+        import psutil
+
+        async def run() -> tuple[float, bool]:
+            with self._mk(1, cancel_grace=0.0) as a:
+                await a.exec_async(functools.partial(T.noop, 0))
+                task = asyncio.ensure_future(
+                    a.exec_async(functools.partial(T.spin_forever, pidfile))
+                )
+                pid = None
+                while pid is None:
+                    await asyncio.sleep(0.002)
+                    try:
+                        with open(pidfile) as f:
+                            pid = int(f.read().strip())
+                    except (OSError, ValueError):
+                        pass
+                await asyncio.sleep(0.05)  # it spins
+                t0 = time.perf_counter()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                elapsed = time.perf_counter() - t0
+                try:
+                    gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    gone = True
+                return elapsed, gone
+
+        return asyncio.run(run())
 
     def submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
         return list(self.a.exec(*[functools.partial(fn, x) for x in args]))
+
+    def submit_each_quiet(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        # The same workers: the first task of each call tells them the relay is off.
+        quiet = self.a.with_options(relay_logs=False)
+        return list(quiet.exec(*[functools.partial(fn, x) for x in args]))
 
     def map(self, fn: Callable[..., Any], items: list[Any], chunk: Any) -> list[Any]:
         return list(self.a.map(fn, items, chunksize=chunk))

@@ -50,6 +50,12 @@ class Pebble(Lib):
     def one(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self.p.schedule(fn, (arg,)).result()
 
+    def ex_submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        return self.submit_each(fn, args)
+
+    def ex_one(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return self.one(fn, arg)
+
     def cold(self, w: int) -> None:
         p = self._mk(w)
         fs = [p.schedule(T.noop, (0,)), p.schedule(T.noop, (1,))]

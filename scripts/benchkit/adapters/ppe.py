@@ -59,6 +59,12 @@ class PPE(Lib):
     def one(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self.ex.submit(fn, arg).result()
 
+    def ex_submit_each(self, fn: Callable[..., Any], args: list[Any]) -> list[Any]:
+        return self.submit_each(fn, args)
+
+    def ex_one(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return self.one(fn, arg)
+
     def cold(self, w: int) -> None:
         with self._mk(w) as ex:
             fs = [ex.submit(T.noop, 0), ex.submit(T.noop, 1)]

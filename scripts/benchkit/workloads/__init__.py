@@ -3,7 +3,25 @@
 
 from __future__ import annotations
 
-from . import blas, cold, cpu, failfast, map, mem, mem8, np_in, np_out, rt, submit, timeout
+from . import (
+    acancel,
+    art,
+    blas,
+    cold,
+    cpu,
+    failfast,
+    logs,
+    map,
+    mem,
+    mem8,
+    np_in,
+    np_out,
+    rt,
+    submit,
+    timeout,
+    xrt,
+    xsubmit,
+)
 from .base import Workload
 
 WORKLOADS: list[Workload] = [
@@ -19,6 +37,12 @@ WORKLOADS: list[Workload] = [
     np_in.WORKLOAD,
     np_out.WORKLOAD,
     blas.WORKLOAD,
+    logs.WORKLOAD,
+    logs.RELAY,
+    xsubmit.WORKLOAD,
+    xrt.WORKLOAD,
+    art.WORKLOAD,
+    acancel.WORKLOAD,
 ]
 BY_KEY = {w.key: w for w in WORKLOADS}
 
