@@ -21,14 +21,13 @@ iterable, a bounded number of chunks ahead of the consumer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, Sized
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _mapping, _transport
 from ._batch import LOGS_WAIT, Batch, Latch, Slot
@@ -37,6 +36,12 @@ from ._errors import Cancelled, SerializationError
 from ._options import check_chunksize, check_errors, check_fn
 from ._report import Report, build_report
 from ._states import TaskStatus
+
+if TYPE_CHECKING:
+    # Imported where a coroutine runs (an event loop runs, so it is loaded): at the
+    # top it would load asyncio, and with it ssl and OpenSSL, into every program
+    # and every spawned worker that imports alloter_mp (0.1 s, 3 MB).
+    import asyncio
 
 
 class Launch(Protocol):
@@ -188,6 +193,8 @@ def _waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Cal
 
 async def _until(latch: Latch) -> None:
     """Until ``latch`` is set (its setter's thread tells the loop)."""
+    import asyncio  # here: the package imports without it (see the top)
+
     if latch.is_set():
         return
     loop = asyncio.get_running_loop()
@@ -199,6 +206,8 @@ async def _until(latch: Latch) -> None:
 async def _until_settled(batch: Batch) -> None:
     """Until every task of ``batch`` has ended, whatever cancels the waiting task
     meanwhile (bounded by the grace and the kill escalation)."""
+    import asyncio  # here: the package imports without it (see the top)
+
     waiting = asyncio.ensure_future(_until(batch.settled))
     while not waiting.done():
         with contextlib.suppress(asyncio.CancelledError):
@@ -207,6 +216,8 @@ async def _until_settled(batch: Batch) -> None:
 
 def _expire_on_time(batch: Batch) -> asyncio.TimerHandle | None:
     """A timer of the loop that expires ``batch`` at its deadline."""
+    import asyncio  # here: the package imports without it (see the top)
+
     if batch.deadline is None:
         return None
     loop = asyncio.get_running_loop()
@@ -216,6 +227,8 @@ def _expire_on_time(batch: Batch) -> asyncio.TimerHandle | None:
 async def _logs_handed_over(batch: Batch) -> None:
     """As ``batch.wait_logs()``, without blocking the loop: once an ended batch's
     running tasks' records have reached the caller's logging (a short wait, bounded)."""
+    import asyncio  # here: the package imports without it (see the top)
+
     drained = batch.logs_drained
     if drained is None or batch.end_kind is None:
         return
@@ -313,6 +326,8 @@ class AsyncResults(AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        import asyncio  # here: the package imports without it (see the top)
+
         if self._out:
             return self._out.popleft()
         if self._closed:
@@ -346,6 +361,8 @@ class AsyncResults(AsyncIterator[Any]):
     # -- the steps -----------------------------------------------------------------------
 
     def _start(self) -> None:
+        import asyncio  # here: the package imports without it (see the top)
+
         loop = self._loop = asyncio.get_running_loop()
         batch = self._batch
         launch = self._launch = self._caller.launch(batch, None, self._total)

@@ -16,7 +16,7 @@ from ._batch import Batch
 from ._calls import BatchAlloter, Caller
 from ._errors import AlloterError, TaskTimeout, WorkerCrashed
 from ._handle import WorkerStats
-from ._options import CallOptions, check_limit, default_limit
+from ._options import SHARE_THRESHOLD, CallOptions, check_limit, default_limit
 from ._pool import WorkerPool
 from ._poolrun import Quota
 
@@ -56,7 +56,10 @@ class ProcessAlloter(BatchAlloter):
     tasks; ``memory_limit`` in bytes of a worker's resident memory; ``progress`` to
     show a progress bar on stderr; ``threads_per_worker`` for each worker's native
     thread pools (OpenMP, BLAS, numexpr: default ``available_cpus() // limit``, at
-    least 1; variables set in the environment win).
+    least 1; variables set in the environment win); ``share_threshold`` in bytes
+    (default 1 MiB, ``None``: never): arguments' and results' pickle protocol 5
+    buffers (numpy arrays, ``pickle.PickleBuffer``) this big travel through shared
+    memory, written once per call and read-only where they arrive.
 
     Per task: ``task_timeout`` seconds a task may run, counted from its own start
     (past it the task is ended and fails with :class:`TaskTimeout`); ``retries``
@@ -89,6 +92,7 @@ class ProcessAlloter(BatchAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
         threads_per_worker: int | None = None,
+        share_threshold: int | None = SHARE_THRESHOLD,
         relay_logs: bool = True,
         capture_output: bool = False,
     ) -> None:
@@ -102,6 +106,7 @@ class ProcessAlloter(BatchAlloter):
             retry_delay=retry_delay,
             memory_limit=memory_limit,
             progress=progress,
+            share_threshold=share_threshold,
             relay_logs=relay_logs,
             capture_output=capture_output,
         )
@@ -121,7 +126,7 @@ class ProcessAlloter(BatchAlloter):
         self._quota = quota
         self._owns_pool = owns_pool
         parallelism = quota.limit or pool.size
-        self._caller = Caller(options, _PoolRunner(pool, quota), parallelism)
+        self._caller = Caller(options, _PoolRunner(pool, quota), parallelism, shares=True)
         # An alloter dropped without close() still stops the workers it started.
         self._finalizer: Any = weakref.finalize(self, pool.close, wait=False) if owns_pool else None
 
@@ -204,6 +209,7 @@ class Alloter(ProcessAlloter):
         memory_limit: int | None = None,
         progress: bool = False,
         threads_per_worker: int | None = None,
+        share_threshold: int | None = SHARE_THRESHOLD,
         relay_logs: bool = True,
         capture_output: bool = False,
     ) -> None:
@@ -216,6 +222,7 @@ class Alloter(ProcessAlloter):
             retry_delay=retry_delay,
             memory_limit=memory_limit,
             progress=progress,
+            share_threshold=share_threshold,
             relay_logs=relay_logs,
             capture_output=capture_output,
         )

@@ -190,7 +190,7 @@ class Batch:
         self.capture_output = options.capture_output
         # Set by a runner that relays logs once the records that tasks running at the
         # batch's end had written by then were handed over (see wait_logs).
-        self.logs_drained: threading.Event | None = None
+        self.logs_drained: Latch | None = None
         self.keep_going = keep_going
         # The tasks are chunks of a map's items.
         self.chunked = chunked
@@ -216,8 +216,15 @@ class Batch:
         if forget_settled:
             self._live = dict(enumerate(self.slots))
             self.slots = []
-        # All tasks pickled together (slots then carry no payload of their own).
-        self.blob: bytes | None = None
+        # All tasks pickled together (slots then carry no payload of their own); or,
+        # for a map on the pool, its function (each slot's payload: its items).
+        self.blob: Any = None
+        # The shared segments of the tasks' big buffers (an alloter_mp._shm.Outbox)
+        # and the size from which results' buffers are shared (None: never).
+        self.outbox: Any = None
+        self.share_threshold = options.share_threshold
+        # Set by the runner once no worker holds those segments (None: none was sent).
+        self.segments_freed: Latch | None = None
         # Ready slots in order. A slot taken out early (withdraw) stays in the deque,
         # no longer QUEUED, and is passed over when reached: taking it out would
         # cost a walk of the deque.

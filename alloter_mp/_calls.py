@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from . import _context, _mapping, _transport
+from . import _context, _mapping, _shm, _transport
 from ._aio import AsyncCalls
 from ._batch import Batch, wait_interruptibly
 from ._context import Context
@@ -34,6 +34,9 @@ __all__ = ["BatchAlloter", "Caller", "Runner", "caller_of"]
 
 # Tasks pickled together up to this size are sent as one blob per worker.
 BLOB_MOST = 1 << 20
+# How long a call whose tasks have all ended waits for its workers to let go of its
+# shared segments (they answer at once unless the machine is overloaded).
+FREE_WAIT = 2.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,8 +52,10 @@ class Runner(Protocol):
 
 @dataclass
 class Launch:
-    """What a launched call holds until it finishes: its context hook and progress bar."""
+    """What a launched call holds until it finishes: its context hook, progress bar
+    and the shared segments of its arguments."""
 
+    batch: Batch
     ctx: Context | None = None
     token: int | None = None
     bar: Progress | None = None
@@ -64,6 +69,8 @@ class Caller:
     together as one blob (0: each task on its own). With ``items_alone`` (a runner
     that hears of a task only when it ends: Ray), a map whose items are judged one by
     one (keep-going, task timeouts, retries) sends each item as a task of its own.
+    With ``shares`` (a runner that sends the batch's shared segments along: the
+    pool), big buffers of the tasks go to shared memory (``share_threshold``).
     """
 
     def __init__(
@@ -74,18 +81,30 @@ class Caller:
         blob_most: int = BLOB_MOST,
         *,
         items_alone: bool = False,
+        shares: bool = False,
     ) -> None:
         self.options = options
         self.runner = runner
         self.parallelism = parallelism
         self.blob_most = blob_most
         self.items_alone = items_alone
+        self.shares = shares
 
     def with_options(self, options: CallOptions) -> Caller:
         """The same runner and parallelism, other options."""
         return Caller(
-            options, self.runner, self.parallelism, self.blob_most, items_alone=self.items_alone
+            options,
+            self.runner,
+            self.parallelism,
+            self.blob_most,
+            items_alone=self.items_alone,
+            shares=self.shares,
         )
+
+    def outbox(self) -> _shm.Outbox | None:
+        """Where a new call's big buffers go (``None``: they travel in the pickles)."""
+        threshold = self.options.share_threshold
+        return _shm.Outbox(threshold) if self.shares and threshold is not None else None
 
     def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None:
         """The chunk size a map uses (one item per chunk where items must go alone)."""
@@ -141,14 +160,17 @@ class Caller:
         chunks = _mapping.chunk_list(fn, items, chunksize, self.parallelism)
         if not chunks:
             return None
-        batch = self.prepare(
-            chunks,
-            None,
-            started=started,
-            locate=_mapping.first_unpicklable_item,
-            keep_going=keep_going,
-            chunked=True,
-        )
+        if self.shares:
+            batch = self.prepare_map(fn, chunks, started=started, keep_going=keep_going)
+        else:
+            batch = self.prepare(
+                chunks,
+                None,
+                started=started,
+                locate=_mapping.first_unpicklable_item,
+                keep_going=keep_going,
+                chunked=True,
+            )
         batch.even = True
         for slot, chunk in zip(batch.slots, chunks, strict=True):
             slot.base = chunk.start
@@ -171,15 +193,45 @@ class Caller:
         """Check and pickle the tasks (nothing starts if that fails), make the batch."""
         if started is None:
             started = time.monotonic()  # the call's timeout counts pickling too
-        payloads, blob = self._payloads(tasks, locate)
-        batch = self.new_batch(
-            payloads,
-            ctx,
-            measure=measure,
-            started=started,
-            keep_going=keep_going,
-            chunked=chunked,
-        )
+        outbox = self.outbox()
+        try:
+            payloads, blob = self._payloads(tasks, locate, outbox)
+            batch = self.new_batch(
+                payloads,
+                ctx,
+                measure=measure,
+                started=started,
+                keep_going=keep_going,
+                chunked=chunked,
+                outbox=outbox,
+            )
+        except BaseException:
+            if outbox is not None:
+                outbox.release()
+            raise
+        batch.blob = blob
+        return batch
+
+    def prepare_map(
+        self,
+        fn: Callable[[Any], Any],
+        chunks: Sequence[_mapping.Chunk],
+        *,
+        started: float,
+        keep_going: bool,
+    ) -> Batch:
+        """A map's batch for the pool: ``fn`` pickled once as the blob, each chunk's
+        payload only its items (see :func:`_mapping.split_map`)."""
+        outbox = self.outbox()
+        try:
+            blob, payloads = _mapping.split_map(fn, chunks, outbox)
+            batch = self.new_batch(
+                payloads, None, started=started, keep_going=keep_going, chunked=True, outbox=outbox
+            )
+        except BaseException:
+            if outbox is not None:
+                outbox.release()
+            raise
         batch.blob = blob
         return batch
 
@@ -195,27 +247,30 @@ class Caller:
         self,
         tasks: Sequence[Callable[[], Any]],
         locate: Callable[[Any, int], int] | None = None,
-    ) -> tuple[list[Any], bytes | None]:
+        outbox: _shm.Outbox | None = None,
+    ) -> tuple[list[Any], Any]:
         """Per-task payloads, or one blob of all tasks when that is small enough.
 
         Pickling the list at once writes shared code and globals once, which makes
         many small tasks much cheaper; big tasks are pickled one by one so that a
-        worker is only sent what it runs.
+        worker is only sent what it runs. With an ``outbox``, a payload (or the blob)
+        whose big buffers went there is a ``(data, refs)`` tuple instead of bytes.
         """
         for i, task in enumerate(tasks):
             if not callable(task):
                 raise TypeError(f"task {i} is not callable: {task!r}")
+        dumps: Callable[[Any], Any] = _transport.dumps if outbox is None else outbox.pack
         if len(tasks) > 1 and self.blob_most > 0:
             try:
-                blob = _transport.dumps_tasks(tasks)
+                blob = dumps(list(tasks))
             except Exception:
                 blob = None  # find which task fails below
-            if blob is not None and len(blob) <= self.blob_most:
+            if blob is not None and len(_data(blob)) <= self.blob_most:
                 return [None] * len(tasks), blob
         payloads = []
         for i, task in enumerate(tasks):
             try:
-                payloads.append(_transport.dumps(task))
+                payloads.append(dumps(task))
             except Exception as exc:
                 # For a map, ``locate`` turns the chunk's position into the item's.
                 index = i if locate is None else locate(task, i)
@@ -232,8 +287,13 @@ class Caller:
         started: float | None = None,
         keep_going: bool = False,
         chunked: bool = False,
+        outbox: _shm.Outbox | None = None,
     ) -> Batch:
-        """A batch with the call's deadline (the sooner of the timeout and ``ctx``'s)."""
+        """A batch with the call's deadline (the sooner of the timeout and ``ctx``'s).
+
+        ``outbox`` holds the shared buffers of its tasks (released when the call
+        finishes); an open batch (``open_input``) gets one of its own here.
+        """
         if ctx is not None:
             if ctx.cancelled:
                 raise _cancelled_error(ctx)
@@ -262,12 +322,14 @@ class Caller:
             items_alone=self.items_alone,
         )
         batch.started_at = now
+        batch.outbox = self.outbox() if open_input and outbox is None else outbox
         return batch
 
     def launch(self, batch: Batch, ctx: Context | None, total: int | None) -> Launch:
         """Submit ``batch``: from here on its tasks may run. :meth:`finish` cleans up."""
-        launch = Launch(ctx)
+        launch = Launch(batch, ctx)
         if batch.decided.is_set():
+            self.finish(launch)
             return launch
         if self.options.progress:
             launch.bar = attach_progress(batch, total)
@@ -276,6 +338,8 @@ class Caller:
         try:
             self.runner.submit(batch)
         except BaseException:
+            # Its tasks may have started (a KeyboardInterrupt as the runner took it).
+            batch.cancel(Cancelled("the call could not be submitted"))
             self.finish(launch)
             raise
         return launch
@@ -295,7 +359,19 @@ class Caller:
 
     @staticmethod
     def finish(launch: Launch) -> None:
-        """Undo what :meth:`launch` set up."""
+        """Undo what :meth:`launch` set up; the call's shared segments go.
+
+        Tasks still running keep what they mapped until they end, and no task of a
+        decided batch is sent any more, so the parent's copies may go now.
+        """
+        batch = launch.batch
+        if batch.outbox is not None:
+            batch.outbox.release()
+            freed = batch.segments_freed
+            if freed is not None and batch.settled.is_set():
+                # Every task has ended: the workers let go of the segments in a moment
+                # (a message each), and the call returns once they have.
+                freed.wait(FREE_WAIT)
         if launch.ctx is not None:
             _context.remove_callback(launch.ctx, launch.token)
             launch.ctx = None
@@ -458,6 +534,11 @@ _WORKER_OPTIONS = frozenset(
         "pool",
     }
 )
+
+
+def _data(payload: Any) -> bytes:
+    """The pickle of a payload, whether or not its big buffers were shared."""
+    return payload if isinstance(payload, bytes) else payload[0]
 
 
 def _cancelled_error(ctx: Context) -> Cancelled:

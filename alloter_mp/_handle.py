@@ -21,6 +21,7 @@ import psutil
 
 from . import _proctree, _threads, _transport, _words, _worker
 from ._batch import Slot
+from ._channel import channel_pair
 from ._sight import HandleSight
 from ._states import KillReason
 
@@ -56,6 +57,7 @@ class WorkerHandle:
         "init_error",
         "kill_deadline",
         "kill_reason",
+        "lent",
         "mem_peak",
         "pid",
         "pipeline",
@@ -65,11 +67,13 @@ class WorkerHandle:
         "run",
         "sentinel",
         "seq",
+        "shm_count",
         "sight",
         "stopping",
         "tasks_done",
         "tree",
         "tt_check",
+        "waiter",
         "words",
         "words_array",
     )
@@ -86,12 +90,18 @@ class WorkerHandle:
         self.pipeline: deque[tuple[int, Slot]] = deque()  # (seq, slot), in running order
         self.seq = 0  # the seq of the last task sent
         self.run: PoolRun | None = None  # the call whose tasks it holds
-        self.blob_id = 0  # the batch whose task list this worker already has
+        # The batch whose task list (blob) and shared segments it has (it lets go of
+        # them when sent another batch's tasks), and how many of those segments.
+        self.blob_id = 0
+        self.shm_count = 0
         self.inflight = 0
         self.tasks_done = 0
         # How many more tasks it may be sent (max_tasks_per_worker; None: no end).
         self.room: int | None = None
         self.stopping = False
+        # Lent to a caller, which reads its pipe meanwhile (see WorkerPool._direct_ok).
+        self.lent = False
+        self.waiter: Any = None  # its pipe's Channel.waiter(), for the caller it is lent to
         self.kill_reason: KillReason | None = None
         self.kill_deadline: float | None = None
         self.tt_check: float | None = None  # when to look at its task's timeout again
@@ -115,7 +125,7 @@ class WorkerHandle:
 
         ``thread_env``: the native thread-pool variables the worker starts with.
         """
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        parent_conn, child_conn = channel_pair(ctx)
         words = _words.new_words(ctx)
         sight = HandleSight()
         try:
@@ -184,6 +194,12 @@ class WorkerHandle:
         """It ignored SIGTERM (or is slow to die): no more asking."""
         self.kill_deadline = None
         self.kill_now()
+
+    def kill_remains(self) -> None:
+        """The worker is dead: SIGKILL its group and the descendants found while it
+        lived. (Looking for more is no use: a dead process's children belong to
+        another parent, and the search costs milliseconds.)"""
+        _proctree.signal_tree(self.pid, _proctree.SIGKILL, self.tree)
 
     def kill_now(self) -> None:
         """SIGKILL to the worker, its group, and every descendant known or found now."""

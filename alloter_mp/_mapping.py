@@ -27,6 +27,7 @@ class CallSteps(Protocol):
     """What the imap feeder needs of the calls' machinery (``_calls.Caller``)."""
 
     parallelism: int
+    shares: bool  # the runner sends a map's function once, as the blob (see split_map)
 
     def chunksize_for(self, chunksize: int | None, keep_going: bool) -> int | None: ...
 
@@ -50,8 +51,11 @@ __all__ = ["Chunk", "imap"]
 # A chunk of unknown-length input aims at about this much work.
 TARGET_CHUNK_SECONDS = 0.02
 MOST_PER_CHUNK = 4096
-# A chunk looks at the cancel flag once per this many items.
+# A chunk looks at the cancel flag once per block of items: 16 at first, then as
+# many as take about this long (up to _BLOCK_MOST).
 _BLOCK = 16
+_BLOCK_MOST = 1024
+BLOCK_SECONDS = 0.002
 
 
 class Chunk:
@@ -81,16 +85,31 @@ class Chunk:
         out: list[Any] = []
         append = out.append
         offset = 0
+        count = len(items)
+        each = iter(items)
+        clock = time.monotonic
+        size = _BLOCK
         try:
             # Each item's offset goes to shared memory, so that a crash names the
-            # item; cancellation is looked at once per block, which keeps the loop
-            # close to a plain map for tiny items.
-            for start in range(0, len(items), _BLOCK):
+            # item; cancellation is looked at once per block. Blocks grow while they
+            # take less than BLOCK_SECONDS (tiny items run close to a plain map) and
+            # shrink when they take longer (a slow item is soon told to stop).
+            start = 0
+            while start < count:
                 if words[cancel] == batch_id:
                     raise Cancelled("the call was cancelled")
-                for offset in range(start, min(start + _BLOCK, len(items))):
+                began = clock()
+                # The block's offsets first: zip stops there, before taking an item.
+                block = range(start, min(start + size, count))
+                for offset, value in zip(block, each, strict=False):
                     words[item] = offset
-                    append(fn(items[offset]))
+                    append(fn(value))
+                start += size
+                took = clock() - began
+                if took < BLOCK_SECONDS / 4:
+                    size = min(size * 2, _BLOCK_MOST)
+                elif took > BLOCK_SECONDS:
+                    size = max(1, size // 2)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 setattr(exc, _transport.OFFSET_ATTR, offset)
@@ -124,7 +143,7 @@ class Chunk:
                 )
                 continue
             try:
-                body = _transport.dumps_result(value)
+                body = state.dump_result(value)
             except BaseException as exc:
                 sink(seq, offset, _task.ERR, _task.unpicklable_result(value, exc), start)
             else:
@@ -162,6 +181,38 @@ def chunk_list(
     return [Chunk(fn, items[i : i + size], i) for i in range(0, len(items), size)]
 
 
+def split_map(
+    fn: Callable[[Any], Any], chunks: Sequence[Chunk], outbox: Any = None
+) -> tuple[Any, list[Any]]:
+    """A map as the pool sends it: ``fn`` pickled once (the batch's blob), and each
+    chunk's items alone (its payload). A worker that holds both builds the chunk
+    (see ``alloter_mp._worker``), so a closure is pickled once per call, not once per
+    chunk, and a worker unpickles only the items it runs. ``outbox``: where big
+    buffers go (an ``alloter_mp._shm.Outbox``)."""
+    dumps = _dumper(outbox)
+    blob = pickle_function(fn, outbox, chunks[0].start)
+    payloads = []
+    for chunk in chunks:
+        try:
+            payloads.append(dumps(chunk.items))
+        except Exception as exc:
+            index = first_unpicklable_item(chunk, 0)
+            raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
+    return blob, payloads
+
+
+def pickle_function(fn: Callable[[Any], Any], outbox: Any = None, index: int = 0) -> Any:
+    """A map's function pickled (:class:`SerializationError` naming ``index`` if not)."""
+    try:
+        return _dumper(outbox)(fn)
+    except Exception as exc:
+        raise SerializationError(index, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _dumper(outbox: Any) -> Callable[[Any], Any]:
+    return _transport.dumps if outbox is None else outbox.pack
+
+
 def first_unpicklable_item(chunk: Chunk, position: int) -> int:
     """The position in the whole input of the item that makes ``chunk`` unpicklable."""
     return chunk.start + _first_unpicklable(list(chunk.items))
@@ -170,7 +221,9 @@ def first_unpicklable_item(chunk: Chunk, position: int) -> int:
 def _auto_chunksize(length: int | None, workers: int) -> int | None:
     if length is None:
         return None  # adapt to measured item times
-    return max(1, min(MOST_PER_CHUNK, math.ceil(length / (8 * workers))))
+    # Four chunks per worker (as multiprocessing.Pool.map): each chunk costs a
+    # message each way, and the chunks are handed out as workers finish theirs.
+    return max(1, min(MOST_PER_CHUNK, math.ceil(length / (4 * workers))))
 
 
 def imap(
@@ -219,6 +272,9 @@ class _Feeder:
         batch = self.batch
         launch: Any = None
         try:
+            if self.caller.shares:
+                # As for map: the function once (the blob), then each chunk's items.
+                batch.blob = pickle_function(self.fn, batch.outbox)
             launch = self.caller.launch(batch, None, self.total)
             batch.on_slot_done = self._slot_done_with(launch.bar)
             batch.on_decided = lambda: self.done.put(None)
@@ -227,6 +283,8 @@ class _Feeder:
             batch.cancel(Cancelled("the iterator was closed before the end"))
             if launch is not None:
                 self.caller.finish(launch)
+            elif batch.outbox is not None:
+                batch.outbox.release()
 
     def _slot_done_with(self, bar: Any) -> Callable[[Slot], None]:
         put = self.done.put
@@ -276,8 +334,11 @@ class _Feeder:
             self.exhausted = True
             self.batch.close_input()
             return False
+        outbox = self.batch.outbox
+        # With a blob (the function, sent once per worker), a payload is the items alone.
+        task: Any = items if self.batch.blob is not None else Chunk(self.fn, items)
         try:
-            payload = _transport.dumps(Chunk(self.fn, items))
+            payload = _dumper(outbox)(task)
         except Exception as exc:
             raise SerializationError(self.next_item + _first_unpicklable(items), str(exc)) from exc
         self.batch.append(payload, base=self.next_item, size=len(items))

@@ -17,6 +17,7 @@ from ._cpus import available_cpus
 from ._errors import TaskTimeout, WorkerCrashed
 
 __all__ = [
+    "SHARE_THRESHOLD",
     "CallOptions",
     "check_bytes",
     "check_chunksize",
@@ -28,6 +29,11 @@ __all__ = [
     "check_seconds",
     "default_limit",
 ]
+
+
+# Arguments' and results' buffers of this many bytes or more travel through shared
+# memory (see alloter_mp._shm).
+SHARE_THRESHOLD = 1 << 20
 
 
 def default_limit() -> int:
@@ -127,6 +133,7 @@ class CallOptions:
     retry_delay: float = 0.0
     memory_limit: int | None = None
     progress: bool = False
+    share_threshold: int | None = SHARE_THRESHOLD
     relay_logs: bool = True
     capture_output: bool = False
 
@@ -165,6 +172,16 @@ def _retry_on(value: Any) -> tuple[type[BaseException], ...]:
     return value
 
 
+def _share_threshold(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"share_threshold must be an int (bytes) or None, not {value!r}")
+    if value < 0:
+        raise ValueError(f"share_threshold must be >= 0 bytes, not {value}")
+    return value
+
+
 def _retry_delay(value: Any) -> float:
     delay = check_seconds("retry_delay", value, allow_zero=True)
     return 0.0 if delay is None else delay
@@ -179,6 +196,7 @@ _CHECKS: dict[str, Any] = {
     "retry_delay": _retry_delay,
     "memory_limit": lambda v: check_bytes("memory_limit", v),
     "progress": bool,
+    "share_threshold": _share_threshold,
     "relay_logs": bool,
     "capture_output": bool,
 }

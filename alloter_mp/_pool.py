@@ -47,11 +47,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import heapq
+import importlib
 import math
 import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import select
 import selectors
 import sys
 import threading
@@ -62,8 +64,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _sight, _task, _threads, _transport, _words, _worker
-from ._batch import Batch, Slot
+from . import _shm, _sight, _task, _threads, _transport, _words, _worker
+from ._batch import Batch, Latch, Slot
 from ._errors import (
     AlloterError,
     Cancelled,
@@ -122,6 +124,12 @@ AHEAD_SECONDS = 0.005
 AHEAD_MOST = 256
 # How long close() waits for workers to stop by themselves before killing them.
 STOP_WAIT = 2.0
+# How long a caller reads a worker lent to it before giving it back to the
+# supervisor (Ctrl-C waits that long at most meanwhile).
+LEND_MOST = 0.02
+# How long the supervisor waits for the descriptors a result message announces
+# (its worker sends them right after it; a worker that never does is killed).
+FDS_WAIT = 5.0
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -185,7 +193,11 @@ class WorkerPool:
         self._elastic = False
         self._pid = os.getpid()
 
-        self._lock = threading.Lock()
+        # Guards the supervisor's state below: the supervisor holds it but while it
+        # waits, a caller while it hands out tasks itself (see _direct_ok). Reentrant:
+        # a callback run by the supervisor (a future's) may submit.
+        self._lock = threading.RLock()
+        self._lends = 0  # workers lent to callers so far (see _direct_ok)
         self._inbox: deque[PoolRun] = deque()
         # Runs whose batch has news (its notify was called), from any thread.
         self._poked: deque[PoolRun] = deque()
@@ -214,10 +226,18 @@ class WorkerPool:
         self._deadlines: list[tuple[float, int, PoolRun]] = []
         self._touched: set[PoolRun] = set()
         self._readers: dict[WorkerHandle, MessageReader] = {}
+        # Settled runs whose workers were told to let go of their shared segments.
+        self._freeing: dict[int, PoolRun] = {}
         # Every worker's pipe and sentinel plus the wake-up pipe, registered once:
         # rebuilding the set on each turn of the loop costs more than the turn.
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # Its epoll object, where it has one: lending a worker only changes the
+        # kernel's interest in its pipe (see _watch).
+        epoll = getattr(self._selector, "_selector", None)
+        self._epoll: Any = (
+            epoll if _epoll_type is not None and isinstance(epoll, _epoll_type) else None
+        )
         _live_pools.add(self)
 
     # -- public ----------------------------------------------------------------
@@ -253,7 +273,13 @@ class WorkerPool:
             if thread is None:
                 self._release()
         if wait and thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            # A first call may have made the thread and not started it yet (it starts
+            # it right after handing out its tasks): join() refuses a thread not started.
+            end = None if timeout is None else time.monotonic() + timeout
+            while thread.ident is None and (end is None or time.monotonic() < end):
+                time.sleep(0.001)
+            with contextlib.suppress(RuntimeError):
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -279,19 +305,188 @@ class WorkerPool:
 
         batch.notify = notify
         if batch.log_snapshot is not None:
-            batch.logs_drained = threading.Event()
-        with self._lock:
-            if self._closing:
-                raise AlloterError("the pool is closed")
-            if self._broken is not None:
-                raise AlloterError("the pool's supervisor failed") from self._broken
-            self._inbox.append(run)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._supervise, name=f"alloter_mp-supervisor-{id(self):x}", daemon=True
-                )
-                self._thread.start()
-        self._wake()
+            batch.logs_drained = Latch()
+        lent = None
+        starting = None
+        with _sigint_deferred():
+            with self._lock:
+                if self._closing:
+                    raise AlloterError("the pool is closed")
+                if self._broken is not None:
+                    raise AlloterError("the pool's supervisor failed") from self._broken
+                if self._thread is None:
+                    # Started once the first tasks are out: Thread.start() waits for the
+                    # thread to run, and the first workers need not wait for that.
+                    starting = self._thread = threading.Thread(
+                        target=self._supervise,
+                        name=f"alloter_mp-supervisor-{id(self):x}",
+                        daemon=True,
+                    )
+                if self._direct_ok(run):
+                    lent = self._hand_out(run, lend=_lendable(batch))
+                    if lent is None:
+                        self._adopt(run)
+                    # The supervisor must look at tasks still queued (it may start
+                    # workers), at the timers of running ones (memory samples, task
+                    # timeouts) and at the deadline; a lent run comes back to it later.
+                    look = lent is None and (
+                        batch.has_queued()
+                        or batch.memory_limit is not None
+                        or batch.task_timeout is not None
+                        or batch.deadline is not None
+                    )
+                else:
+                    self._inbox.append(run)
+                    look = True
+            if starting is not None:
+                starting.start()
+            elif look:
+                self._wake()
+            if lent is not None:
+                self._wait_lent(lent, run)
+
+    # -- the caller's own dispatch ------------------------------------------------
+
+    def _direct_ok(self, run: PoolRun) -> bool:
+        """Whether the caller may hand ``run``'s first tasks out itself.
+
+        That spares the round trip through the supervisor's wake-up pipe (and the
+        wait for its thread to start, on a cold pool). A batch of one task goes
+        further: its worker is lent to the caller, which reads the reply itself for
+        up to ``LEND_MOST`` seconds, then gives it back (see :meth:`_lend`). Nothing
+        else changes: the run is the supervisor's like any other (its timers,
+        endings and deaths), the worker's ``pipeline`` says which tasks it holds.
+        Not when work is already waiting (it goes first), nor from the supervisor's
+        own thread (a callback submitting).
+        """
+        if (
+            self._inbox
+            or self._waiting
+            or threading.current_thread() is self._thread
+            or run.batch.decided.is_set()
+        ):
+            return False
+        return self._can_spawn() or any(
+            w.idle and w.run is None and w.room != 0 and w.conn_open for w in self._workers
+        )
+
+    def _adopt(self, run: PoolRun) -> None:
+        """Make a run handed out by its caller the supervisor's, as _take_inbox does."""
+        if run.forgotten:
+            return
+        self._runs[run] = None
+        deadline = run.batch.deadline
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, run.batch.id, run))
+        self._touched.add(run)
+
+    def _hand_out(self, run: PoolRun, *, lend: bool = False) -> WorkerHandle | None:
+        """Send a new run's tasks: to idle workers, then to new ones while the pool may
+        grow. With ``lend``, the first worker sent to is lent to the calling thread
+        first (returned; see :meth:`_lend`)."""
+        batch = run.batch
+        quota = run.quota
+        depth = _ahead_depth(run)
+        lent: WorkerHandle | None = None
+
+        def give(w: WorkerHandle) -> None:
+            nonlocal lent
+            if lend and lent is None:
+                self._lend(w)  # before the task goes: its reply must not wake the supervisor
+                lent = w
+            self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+
+        for w in self._workers:
+            if not batch.has_queued() or quota.full():
+                break
+            if w.idle and w.run is None and w.room != 0 and w.conn_open:
+                give(w)
+        if batch.has_queued() and not quota.full():
+            for w in self._start_workers(run, depth):
+                if not batch.has_queued() or quota.full():
+                    break
+                give(w)
+        if lent is not None and lent.run is not run:
+            self._give_back(lent, run)  # nothing was sent to it after all
+            lent = None
+        return lent
+
+    def _start_workers(self, run: PoolRun, depth: int) -> list[WorkerHandle]:
+        """New workers for ``run``'s queued tasks, as many as the pool may grow by.
+
+        All are started before any is sent a task: under fork, what the parent
+        writes between two forks stays private to the earlier child.
+        """
+        batch = run.batch
+        quota = run.quota
+        wanted = _ceil_div(batch.queued_count(), max(1, min(depth, self._share(batch))))
+        if quota.limit is not None:
+            wanted = min(wanted, quota.limit - quota.active)
+        started: list[WorkerHandle] = []
+        while len(started) < wanted and self._can_spawn():
+            try:
+                started.append(self._spawn())
+            except Exception as exc:  # out of processes or descriptors, say
+                if not started and not run.holders:
+                    batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
+                break
+        return started
+
+    def _lend(self, w: WorkerHandle) -> None:
+        """The caller reads ``w``'s pipe for a while (the supervisor still watches its
+        sentinel: a death is its to settle, under the lock, as ever)."""
+        self._lends += 1
+        w.lent = True
+        self._watch(w, False)
+
+    def _watch(self, w: WorkerHandle, on: bool) -> None:
+        """Have the supervisor's selector watch ``w``'s pipe, or stop watching it."""
+        fd = w.conn.fileno()
+        epoll = self._epoll
+        try:  # (not contextlib.suppress: this runs twice per call of one task)
+            if epoll is not None:
+                # The pipe stays registered: only the kernel's interest changes, which
+                # costs a system call instead of the selector's bookkeeping each way.
+                epoll.modify(fd, _EPOLLIN if on else 0)
+            elif on:
+                self._selector.register(fd, selectors.EVENT_READ, (w, "conn"))
+            else:
+                self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _wait_lent(self, w: WorkerHandle, run: PoolRun) -> None:
+        """Read what the lent worker sends until the batch is decided, the worker
+        dies, or ``LEND_MOST`` passes; then give it back to the supervisor."""
+        batch = run.batch
+        end = time.monotonic() + LEND_MOST
+        if batch.deadline is not None:
+            end = min(end, batch.deadline)
+        if w.waiter is None:
+            w.waiter = w.conn.waiter()  # the caller lending it is its only user
+        poll = w.waiter
+        try:
+            while not batch.decided.is_set():
+                left = end - time.monotonic()
+                if left <= 0 or not poll(left):
+                    break  # taking long: the supervisor reads it from here on
+                with self._lock:
+                    if not w.conn_open:
+                        break  # it died meanwhile and the supervisor settled it
+                    self._read(w)
+        finally:
+            with self._lock:
+                self._give_back(w, run)
+
+    def _give_back(self, w: WorkerHandle, run: PoolRun) -> None:
+        w.lent = False
+        if w.conn_open:
+            self._watch(w, True)  # level-triggered: what waits wakes the supervisor now
+        if run.batch.settled.is_set() and not run.holders:
+            self._forget(run)
+        elif not run.forgotten and run not in self._runs:
+            self._adopt(run)  # its timers, endings and queue are the supervisor's now
+            self._wake()
 
     def _wake(self) -> None:
         if self._wake_pending:
@@ -306,66 +501,81 @@ class WorkerPool:
         try:
             self._loop()
         except BaseException as exc:  # never leave a caller waiting on a dead loop
-            self._broken = exc
-            traceback.print_exc(file=sys.stderr)
-            error = AlloterError(f"the pool's supervisor failed: {exc!r}")
-            for run in [*self._runs, *self._inbox]:
-                run.batch.fail(error)
-                run.batch.abandon()  # nobody will report on its tasks any more
-            for w in list(self._workers):
-                w.kill_now()
+            with self._lock:
+                self._broken = exc
+                traceback.print_exc(file=sys.stderr)
+                error = AlloterError(f"the pool's supervisor failed: {exc!r}")
+                for run in [*self._runs, *self._inbox]:
+                    run.batch.fail(error)
+                    run.batch.abandon()  # nobody will report on its tasks any more
+                for w in list(self._workers):
+                    w.kill_now()
         finally:
-            self._release()
+            with self._lock:
+                for run in [*self._runs, *self._inbox, *self._freeing.values()]:
+                    _segments_freed(run)
+                self._release()
 
     def _loop(self) -> None:
+        # Everything but the wait runs under the pool's lock: a caller may hand tasks
+        # to idle workers itself (see _direct_ok).
         stop_deadline: float | None = None
         due: float | None = 0.0  # the nearest timer: timers are looked at once it is due
         while True:
-            now = time.monotonic()
-            self._take_inbox()
-            if self._closing:
-                if stop_deadline is None:
-                    stop_deadline = now + STOP_WAIT
-                    for run in list(self._runs):
-                        run.batch.cancel(Cancelled("the pool was closed"))
-                for w in self._workers:
-                    if w.idle:
-                        self._stop(w)  # also those that became idle since
-                if not self._workers:
-                    return
-                if now >= stop_deadline:
+            with self._lock:
+                now = time.monotonic()
+                self._take_inbox()
+                if self._closing:
+                    if stop_deadline is None:
+                        stop_deadline = now + STOP_WAIT
+                        for run in list(self._runs):
+                            run.batch.cancel(Cancelled("the pool was closed"))
                     for w in self._workers:
-                        if w.kill_reason is None:
-                            w.kill(KillReason.CLOSE, now, hard=True)
-            if due is not None and now >= due:
-                self._check_timers(now)
-            self._review_touched()
-            self._handle_endings(now)
-            if not self._closing:
-                self._dispatch()
-            self._review_touched()
+                        if w.idle:
+                            self._stop(w)  # also those that became idle since
+                    if not self._workers:
+                        return
+                    if now >= stop_deadline:
+                        for w in self._workers:
+                            if w.kill_reason is None:
+                                w.kill(KillReason.CLOSE, now, hard=True)
+                if due is not None and now >= due:
+                    self._check_timers(now)
+                self._review_touched()
+                self._handle_endings(now)
+                if not self._closing:
+                    self._dispatch()
+                self._review_touched()
 
-            timer = due = self._next_timer()
-            if stop_deadline is not None:
-                timer = stop_deadline if timer is None else min(timer, stop_deadline)
-            timeout = None if timer is None else max(0.0, timer - time.monotonic())
-            deaths = []
-            for key, _ in self._selector.select(timeout):
-                if key.data is None:
-                    # Wake-ups only mean "look again": one read empties the pipe.
-                    # Cleared after it: a wake-up whose byte this read took has
-                    # its news looked at by the turn that follows, and one that
-                    # comes later writes again.
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        os.read(self._wake_r, 65536)
-                    self._wake_pending = False
-                    continue
-                w, what = key.data
-                if what == "dead":
-                    deaths.append(w)
-                elif w.conn_open:
-                    self._read(w)
-            for w in deaths:
+                timer = due = self._next_timer()
+                if stop_deadline is not None:
+                    timer = stop_deadline if timer is None else min(timer, stop_deadline)
+                timeout = None if timer is None else max(0.0, timer - time.monotonic())
+                lends = self._lends
+            events = self._selector.select(timeout)
+            with self._lock:
+                self._handle_events(events, lends != self._lends)
+
+    def _handle_events(self, events: list[tuple[Any, int]], lent_since: bool) -> None:
+        deaths = []
+        for key, _ in events:
+            if key.data is None:
+                # Wake-ups only mean "look again": one read empties the pipe.
+                # Cleared after it: a wake-up whose byte this read took has
+                # its news looked at by the turn that follows, and one that
+                # comes later writes again.
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 65536)
+                self._wake_pending = False
+                continue
+            w, what = key.data
+            if what == "dead":
+                deaths.append(w)
+            elif w.conn_open and not w.lent and (not lent_since or w.conn.poll()):
+                # A worker lent and given back since the wait may have been read dry.
+                self._read(w)
+        for w in deaths:
+            if w in self._workers:
                 self._on_death(w)
 
     def _take_inbox(self) -> None:
@@ -416,6 +626,56 @@ class WorkerPool:
         self._ending.pop(run, None)
         self._delayed_runs.pop(run, None)
         # Its entries in _waiting and _deadlines are passed over when reached.
+        self._free_segments(run)
+
+    # -- shared segments ------------------------------------------------------------
+
+    def _segments_for(self, w: WorkerHandle, run: PoolRun) -> list[int]:
+        """The segments of ``run``'s batch that ``w`` lacks (copies: close them)."""
+        outbox = run.batch.outbox
+        if outbox is None or outbox.segment_count <= w.shm_count:
+            return []
+        fds: list[int] = outbox.fds_copy(w.shm_count)
+        if fds:
+            w.shm_count += len(fds)
+            if run.sharers is None:
+                run.sharers = set()
+                run.batch.segments_freed = Latch()
+            run.sharers.add(w)
+        return fds
+
+    def _switch_batch(self, w: WorkerHandle, run: PoolRun) -> None:
+        """``w`` is sent tasks of ``run`` after another batch's: it lets go of that
+        batch's task list and segments when it reads them."""
+        for other in [*self._runs, *self._freeing.values()]:
+            if other.sharers is not None and w in other.sharers:
+                self._worker_freed(other, w)
+        w.blob_id = run.batch.id
+        w.shm_count = 0
+
+    def _free_segments(self, run: PoolRun) -> None:
+        """``run`` settled: the workers holding its segments are told to let go."""
+        outbox = run.batch.outbox
+        if outbox is not None:
+            outbox.release()  # the caller did, unless it went away
+        if run.sharers is None:
+            return
+        for w in list(run.sharers):
+            if w.conn_open and w.kill_reason is None and not w.stopping:
+                w.blob_id = 0
+                with contextlib.suppress(OSError):
+                    w.conn.send_bytes(pickle.dumps((_worker.RELEASE, run.batch.id)))
+            # Otherwise it is on its way out: its segments go when it is gone.
+        if run.sharers:
+            self._freeing[run.batch.id] = run
+        else:
+            _segments_freed(run)
+
+    def _worker_freed(self, run: PoolRun, w: WorkerHandle) -> None:
+        assert run.sharers is not None
+        run.sharers.discard(w)
+        if not run.sharers and self._freeing.pop(run.batch.id, None) is not None:
+            _segments_freed(run)
 
     # -- timers ----------------------------------------------------------------
 
@@ -593,15 +853,11 @@ class WorkerPool:
             while idle and batch.has_queued() and not quota.full():
                 w = idle.pop()
                 self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
-            while batch.has_queued() and not quota.full() and can_spawn:
-                try:
-                    w = self._spawn()
-                except Exception as exc:  # out of processes or descriptors, say
-                    if not run.holders:
-                        batch.fail(AlloterError(f"could not start a worker process: {exc!r}"))
-                    can_spawn = False
-                    break
-                self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
+            if batch.has_queued() and not quota.full() and can_spawn:
+                for w in self._start_workers(run, depth):
+                    if not batch.has_queued() or quota.full():
+                        break
+                    self._send(w, run, batch.take(w.cap(min(depth, self._share(batch)))))
                 can_spawn = self._can_spawn()
         # Runs still holding tasks keep their place, ahead of those not looked at.
         waiting.extendleft(reversed(kept))
@@ -611,6 +867,8 @@ class WorkerPool:
             run = w.run
             if run is None or not run.waiting or w.kill_reason is not None or w.stopping:
                 continue
+            if w.lent:
+                continue  # its caller reads it: more comes once it is given back
             batch = run.batch
             depth = _ahead_depth(run)
             if depth <= 1 or batch.ending or not batch.has_queued():
@@ -653,9 +911,9 @@ class WorkerPool:
             # Look at its task's time soon: no event may come before its timeout.
             w.tt_check = time.monotonic()
         blob = None
-        if batch.blob is not None and w.blob_id != batch.id:
+        if w.blob_id != batch.id:
+            self._switch_batch(w, run)
             blob = batch.blob
-            w.blob_id = batch.id
         if w.room is not None:
             w.room -= len(slots)
         items = []
@@ -664,13 +922,21 @@ class WorkerPool:
             items.append((w.seq, s.index, s.payload, batch.prepare_items(s)))
             w.pipeline.append((w.seq, s))
             s.pid = w.pid
-        message = pickle.dumps((_worker.TASKS, run.params, blob, items), _transport.PROTOCOL)
+        msg: tuple[Any, ...] = (_worker.TASKS, run.params, blob, items)
+        fds = self._segments_for(w, run)
+        if fds:
+            msg = (_worker.SHARED, len(fds), msg)
+        message = pickle.dumps(msg, _transport.PROTOCOL)
         w.inflight += len(message)
         try:
             w.conn.send_bytes(message)
+            _shm.send_fds(w.conn.fd_conn, fds)
         except OSError:
             # The worker is dying; its sentinel will settle these slots.
             self._unwatch_conn(w)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _spawn(self) -> WorkerHandle:
         w = WorkerHandle.start(
@@ -703,11 +969,25 @@ class WorkerPool:
         try:
             while w.conn_open:
                 for message in reader.read():
-                    self._on_message(w, pickle.loads(message))
+                    msg = pickle.loads(message)
+                    kind = msg[0]
+                    if kind == _worker.SHARED:
+                        fds = _shm.recv_fds(w.conn.fd_conn, msg[1], timeout=FDS_WAIT)
+                        msg = _received(msg, fds)
+                    elif kind == _worker.RELEASED:
+                        run = self._freeing.get(msg[1])
+                        if run is not None:
+                            self._worker_freed(run, w)
+                        continue
+                    self._on_message(w, msg)
                 if not drain or not w.conn.poll():
                     break
-        except (EOFError, OSError):
+        except EOFError:
             self._unwatch_conn(w)  # the sentinel tells the rest
+        except OSError:
+            self._unwatch_conn(w)
+            if not drain:
+                w.kill_now()  # a pipe that broke under a live worker: make it a death
 
     def _unwatch_conn(self, w: WorkerHandle) -> None:
         if w.conn_open:
@@ -773,7 +1053,7 @@ class WorkerPool:
         # Whatever the task started dies with it, whoever's group it sits in. First:
         # a forked grandchild holding the worker's end of the pipe would otherwise
         # keep a half-sent message from ever reaching EOF.
-        w.kill_now()
+        w.kill_remains()
         if w.conn_open and w.conn.poll():
             self._read(w, drain=True)  # results it sent before dying still count
         # Then the records it journaled but never sent, before its task is settled.
@@ -789,6 +1069,9 @@ class WorkerPool:
         if w.run is not None:
             self._release_worker(w)
         self._workers.remove(w)
+        for run in [*self._runs, *self._freeing.values()]:
+            if run.sharers is not None and w in run.sharers:
+                self._worker_freed(run, w)
         self._readers.pop(w, None)
         self._unwatch_conn(w)
         with contextlib.suppress(KeyError, ValueError):
@@ -881,6 +1164,92 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 conn.close()
         _live_pools.discard(self)
+
+
+def _received(msg: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
+    """The message inside a SHARED one, each shared body made a :class:`_shm.Received`
+    on its own segments (taken from ``fds`` in order)."""
+    inner: tuple[Any, ...] = msg[2]
+    taken = 0
+
+    def attach(body: tuple[bytes, _shm.Refs, int]) -> _shm.Received:
+        nonlocal taken
+        data, refs, count = body
+        received = _shm.Received(data, refs, fds[taken : taken + count])
+        taken += count
+        return received
+
+    if inner[0] == _worker.RESULTS:
+        rows = inner[2]
+        for i, row in enumerate(rows):
+            if type(row[2]) is tuple:
+                rows[i] = (*row[:2], attach(row[2]), *row[3:])
+    elif inner[0] == _worker.ITEM and type(inner[5]) is tuple:
+        inner = (*inner[:5], attach(inner[5]), *inner[6:])
+    return inner
+
+
+_epoll_type: Any = getattr(select, "epoll", None)
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+# The signal module's own functions convert to and from enums, which costs more
+# than the rest of a round trip; the C module's do not.
+_signal: Any = importlib.import_module("_signal")
+
+
+def _lendable(batch: Batch) -> bool:
+    """Whether the caller may read the reply to ``batch`` itself: a lone task, with
+    nothing the supervisor must time (task timeout, memory samples)."""
+    return (
+        len(batch.slots) == 1
+        and not batch.per_item
+        and batch.task_timeout is None
+        and batch.memory_limit is None
+    )
+
+
+class _sigint_deferred:
+    """Hold SIGINT back in the main thread while the caller changes the pool's state.
+
+    A ``KeyboardInterrupt`` between taking a task and sending it (or in the middle
+    of reading a message) would lose the task. The handler is swapped for one that
+    remembers the signal, and the original one is called once the state is whole
+    again (raising ``KeyboardInterrupt`` then, as it would have).
+    """
+
+    __slots__ = ("handler", "pending")
+
+    def __init__(self) -> None:
+        self.handler: Any = None
+        self.pending: tuple[int, Any] | None = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = _signal.getsignal(_signal.SIGINT)
+        if callable(handler):
+            self.handler = handler
+            _signal.signal(_signal.SIGINT, self._hold)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = (signum, frame)
+
+    def __exit__(self, *exc_info: object) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        _signal.signal(_signal.SIGINT, handler)
+        if self.pending is not None:
+            handler(*self.pending)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _segments_freed(run: PoolRun) -> None:
+    freed = run.batch.segments_freed
+    if freed is not None:
+        freed.set()
 
 
 def _find(w: WorkerHandle, seq: int) -> Slot:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._batch import Batch
+
+if TYPE_CHECKING:
+    from ._handle import WorkerHandle
 
 __all__ = ["PoolRun", "Quota"]
 
@@ -35,6 +40,7 @@ class PoolRun:
         "holders",
         "params",
         "quota",
+        "sharers",
         "waiting",
     )
 
@@ -54,4 +60,8 @@ class PoolRun:
             batch.fail_fast,
             batch.task_timeout,
             batch.per_item,
+            batch.share_threshold,
         )
+        # Workers that were sent its shared segments and still hold them (then
+        # ``batch.segments_freed`` is set once none does: see WorkerPool._free_segments).
+        self.sharers: set[WorkerHandle] | None = None

@@ -30,12 +30,11 @@ cannot grow. Descriptors travel over the worker's duplex pipe, a Unix socket, wi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import mmap
 import os
 import pickle
-import secrets
+import select
 import socket
 import sys
 import threading
@@ -50,6 +49,9 @@ __all__ = [
     "Inbox",
     "Outbox",
     "Packed",
+    "Received",
+    "Refs",
+    "pack_alone",
     "recv_fds",
     "send_fds",
 ]
@@ -67,6 +69,10 @@ _HAS_MEMFD = hasattr(os, "memfd_create")
 _TRACKFD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
+# Where a pickle's out-of-band buffers lie: (segment, offset, nbytes) for each.
+Refs = tuple[tuple[int, int, int], ...]
+
+
 class Packed(NamedTuple):
     """A pickle and where its out-of-band buffers lie.
 
@@ -76,7 +82,7 @@ class Packed(NamedTuple):
     """
 
     data: bytes
-    refs: tuple[tuple[int, int, int], ...]
+    refs: Refs
 
 
 # -- writer --------------------------------------------------------------------------
@@ -105,7 +111,8 @@ class Outbox:
         self._placed: dict[tuple[Any, ...], tuple[int, int, int]] = {}
         self._keep: list[pickle.PickleBuffer] = []  # so that placed keys stay unique
         self._released = False
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        # Made with the first segment: most outboxes never make one.
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- pickling ----------------------------------------------------------------
 
@@ -116,39 +123,37 @@ class Outbox:
         cloudpickle for functions that must travel by value (``result=True``: a
         result may refer to ``__main__`` by reference).
         """
-        threshold = self.threshold
-        if threshold is None:
-            return Packed(_pickle(obj, None, result), ())
-        found: list[pickle.PickleBuffer] = []
+        packed = self.pack(obj, result=result)
+        if type(packed) is bytes:
+            return Packed(packed, ())
+        return Packed(*packed)
 
-        def take(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                size = buffer.raw().nbytes
-            except BufferError:  # not contiguous: pickle says what it says in band
-                return True
-            if size == 0 or size < threshold:
-                return True
-            found.append(buffer)
-            return False
+    def pack(self, obj: Any, *, result: bool = False) -> bytes | tuple[bytes, Refs]:
+        """Like :meth:`dumps`, cheaper for the many objects that share nothing.
 
-        def restart() -> None:
-            found.clear()  # a failed attempt's buffers are not the pickle's
-
-        data = _pickle(obj, take, result, restart)
+        Returns the plain pickle (bytes, readable by ``pickle.loads`` alone) when no
+        buffer was shared, else the tuple ``(data, refs)`` that :meth:`Inbox.loads`
+        reads.
+        """
+        data, found = _pickle_finding(obj, self.threshold, result)
         if not found:
-            return Packed(data, ())
+            return data
+        refs = self.place(found)
+        if refs is None:
+            return _pickle(obj, None, result)
+        return (data, refs)
+
+    def place(self, found: list[pickle.PickleBuffer]) -> Refs | None:
+        """Write (or find) ``found``'s buffers here: their refs, ``None`` if no room."""
         with self._lock:
             if self._released:
                 raise RuntimeError("this outbox was released")
             try:
-                refs = tuple(self._place(buffer) for buffer in found)
+                return tuple(self._place(buffer) for buffer in found)
             except OSError:
                 # No room for a segment (memory, descriptors): the pickle can still
                 # carry the bytes itself, as it would without sharing.
-                refs = None
-        if refs is None:
-            return Packed(_pickle(obj, None, result), ())
-        return Packed(data, refs)
+                return None
 
     def _place(self, buffer: pickle.PickleBuffer) -> tuple[int, int, int]:
         view = buffer.raw()
@@ -163,7 +168,7 @@ class Outbox:
     def _write_memfd(self, view: memoryview) -> tuple[int, int, int]:
         if not self._fds:
             try:
-                self._fds.append(_new_memfd())
+                self._keep_fd(_new_memfd())
             except OSError:  # memfd refused (seccomp, an old kernel): fall back
                 self._memfd = False
                 return self._write_named(view)
@@ -180,8 +185,13 @@ class Outbox:
         except BaseException:
             os.close(fd)
             raise
-        self._fds.append(fd)
+        self._keep_fd(fd)
         return (len(self._fds) - 1, 0, view.nbytes)
+
+    def _keep_fd(self, fd: int) -> None:
+        self._fds.append(fd)
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
     # -- what to send ---------------------------------------------------------------
 
@@ -193,6 +203,22 @@ class Outbox:
         """
         with self._lock:
             return self._fds[start:]
+
+    def fds_copy(self, start: int = 0) -> list[int]:
+        """Duplicates of :meth:`fds`, for the sender to close once sent.
+
+        Another thread may release the outbox meanwhile: the duplicates stay valid
+        (a released outbox gives none).
+        """
+        with self._lock:
+            copies: list[int] = []
+            try:
+                for fd in self._fds[start:]:
+                    copies.append(os.dup(fd))
+            except OSError:
+                _close_all(copies)
+                raise
+            return copies
 
     @property
     def segment_count(self) -> int:
@@ -237,6 +263,44 @@ class Outbox:
         self.release()
 
 
+def _pickle_finding(
+    obj: Any, threshold: int | None, result: bool
+) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle ``obj`` with its buffers of ``threshold`` bytes or more left out (found)."""
+    if threshold is None:
+        return _pickle(obj, None, result), []
+    found: list[pickle.PickleBuffer] = []
+
+    def take(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            size = buffer.raw().nbytes
+        except BufferError:  # not contiguous: pickle says what it says in band
+            return True
+        if size == 0 or size < threshold:
+            return True
+        found.append(buffer)
+        return False
+
+    return _pickle(obj, take, result, found.clear), found
+
+
+def pack_alone(
+    obj: Any, threshold: int | None, *, result: bool = True
+) -> bytes | tuple[bytes, Refs, Outbox]:
+    """Pickle one object (a worker's result) with an outbox of its own, made only if
+    something is shared: the plain pickle, or ``(data, refs, outbox)``; the caller
+    sends the outbox's descriptors with ``data`` and then releases it."""
+    data, found = _pickle_finding(obj, threshold, result)
+    if not found:
+        return data
+    outbox = Outbox(threshold)
+    refs = outbox.place(found)
+    if refs is None:
+        outbox.release()
+        return _pickle(obj, None, result)
+    return (data, refs, outbox)
+
+
 def _pickle(
     obj: Any,
     callback: Callable[[pickle.PickleBuffer], bool] | None,
@@ -262,6 +326,8 @@ def _identity(view: memoryview) -> tuple[Any, ...]:
     memory are one buffer); a read-only one by the object that exports it.
     """
     if not view.readonly:
+        import ctypes  # here: a worker that shares no result never needs it
+
         anchor = ctypes.c_char.from_buffer(view)
         try:
             return ("at", ctypes.addressof(anchor), view.nbytes)
@@ -299,6 +365,7 @@ def _new_unlinked_shm(size: int) -> int:
     The resource tracker (a process of its own) knows the name for the few
     instructions it exists, so even a SIGKILL then leaves nothing behind.
     """
+    import secrets
     from multiprocessing import resource_tracker
 
     shm = _posixshmem()
@@ -328,6 +395,18 @@ def _unlink_named(name: str) -> None:
         _posixshmem().shm_unlink(name)
     finally:
         resource_tracker.unregister(name, "shared_memory")
+
+
+def _read_at(fd: int, nbytes: int, offset: int) -> bytearray:
+    data = bytearray(nbytes)
+    view = memoryview(data)
+    done = 0
+    while done < nbytes:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count <= 0:
+            raise OSError(f"segment ends {nbytes - done} bytes early")
+        done += count
+    return data
 
 
 def _close_all(fds: list[int]) -> None:
@@ -362,6 +441,10 @@ class Inbox:
         """How many segments this inbox was given."""
         return len(self._fds)
 
+    def views(self) -> list[memoryview]:
+        """The mappings made so far (one per buffer read)."""
+        return list(self._views.values())
+
     def loads(self, packed: Packed | tuple[bytes, Sequence[tuple[int, int, int]]]) -> Any:
         """Unpickle ``packed``; its big buffers are read-only views of shared memory."""
         data, refs = packed
@@ -375,12 +458,17 @@ class Inbox:
             segment, offset, nbytes = ref
             if not 0 <= segment < len(self._fds):
                 raise RuntimeError(f"segment {segment} was never received")
-            mapping = mmap.mmap(
-                self._fds[segment], nbytes, access=mmap.ACCESS_READ, offset=offset, **_TRACKFD
-            )
-            # The view keeps the mapping alive; the mapping is unmapped when the last
-            # object built on it goes (never closed here: they may still use it).
-            view = memoryview(mapping)
+            fd = self._fds[segment]
+            try:
+                mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ, offset=offset, **_TRACKFD)
+            except OSError:
+                # Out of descriptors (before Python 3.13 each mapping keeps one) or of
+                # address space: a copy still gives the object, read-only as promised.
+                view = memoryview(_read_at(fd, nbytes, offset)).toreadonly()
+            else:
+                # The view keeps the mapping alive; the mapping is unmapped when the
+                # last object built on it goes (never closed here: they may use it).
+                view = memoryview(mapping)
             self._views[ref] = view
         return view
 
@@ -396,7 +484,37 @@ class Inbox:
         self.release()
 
 
+class Received:
+    """A pickle that came with segments of its own (a worker's result).
+
+    :meth:`load` it once: the descriptors are closed then (or when it is dropped
+    unread); the objects built keep their mappings.
+    """
+
+    __slots__ = ("data", "fds", "refs")
+
+    def __init__(self, data: bytes, refs: Refs, fds: list[int]) -> None:
+        self.data = data
+        self.refs = refs
+        self.fds = fds
+
+    def load(self) -> Any:
+        fds, self.fds = self.fds, []
+        with Inbox(fds) as inbox:
+            return inbox.loads((self.data, self.refs))
+
+    def __del__(self) -> None:
+        _close_all(self.fds)
+
+
 # -- descriptors over the worker's pipe -------------------------------------------------
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    # poll, not a socket timeout: that would make the connection itself non-blocking.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _socket_of(conn: Any) -> socket.socket:
@@ -419,8 +537,12 @@ def send_fds(conn: Any, fds: Sequence[int]) -> None:
             socket.send_fds(sock, [bytes([len(part)])], part)
 
 
-def recv_fds(conn: Any, count: int) -> list[int]:
-    """Receive ``count`` descriptors sent by :func:`send_fds` (close-on-exec)."""
+def recv_fds(conn: Any, count: int, *, timeout: float | None = None) -> list[int]:
+    """Receive ``count`` descriptors sent by :func:`send_fds` (close-on-exec).
+
+    ``timeout``: seconds to wait for each part (``TimeoutError``, an ``OSError``,
+    past it; ``None``: as long as it takes).
+    """
     received: list[int] = []
     if count <= 0:
         return received
@@ -429,6 +551,8 @@ def recv_fds(conn: Any, count: int) -> list[int]:
         with _socket_of(conn) as sock:
             for start in range(0, count, _FDS_PER_MESSAGE):
                 want = min(_FDS_PER_MESSAGE, count - start)
+                if timeout is not None and not _readable(sock.fileno(), timeout):
+                    raise TimeoutError(f"no descriptors came within {timeout} s")
                 message, fds, msg_flags, _ = socket.recv_fds(sock, 1, want, flags)
                 received.extend(fds)
                 if not message:

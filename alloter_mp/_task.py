@@ -47,6 +47,7 @@ class TaskState:
         "batch_id",
         "call_deadline",
         "deadline",
+        "dump_result",
         "in_task",
         "item",
         "item_sink",
@@ -80,6 +81,8 @@ class TaskState:
         self.item = 0
         # How a task run by another engine (Ray) asks whether it was cancelled.
         self.probe: Callable[[], bool] | None = None
+        # How a result is pickled (a pool worker shares big buffers: see _worker).
+        self.dump_result: Callable[[Any], Any] = _transport.dumps_result
 
 
 state = TaskState()
@@ -166,13 +169,14 @@ def execute(
     """Load a task with ``load(*args)``, run it, measure it.
 
     Returns ``(code, body, wall, cpu, peak)``: ``body`` is the pickled result (code
-    :data:`OK`) or an :class:`~alloter_mp._transport.ExceptionInfo` (code
-    :data:`ERR`). It never raises for what the task does.
+    :data:`OK`, by ``state.dump_result``) or an
+    :class:`~alloter_mp._transport.ExceptionInfo` (code :data:`ERR`); ``cpu`` and
+    ``peak`` only with ``measure`` (else 0). It never raises for what the task does.
     """
     if measure:
         meter.start()
+        cpu0 = time.process_time()  # a system call: only for reports
     wall0 = time.perf_counter()
-    cpu0 = time.process_time()
     state.in_task = True
     try:
         task = load(*args)
@@ -186,15 +190,15 @@ def execute(
         state.in_task = False
         code = OK
         try:
-            body = _transport.dumps_result(result)
+            body = state.dump_result(result)
         except BaseException as exc:
             code = ERR
             body = unpicklable_result(result, exc)
         del result
     wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    peak = meter.peak() if measure else 0
-    return (code, body, wall, cpu, peak)
+    if measure:
+        return (code, body, wall, time.process_time() - cpu0, meter.peak())
+    return (code, body, wall, 0.0, 0)
 
 
 def unpicklable_result(result: Any, exc: BaseException) -> _transport.ExceptionInfo:

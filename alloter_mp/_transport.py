@@ -63,9 +63,15 @@ def dumps_tasks(tasks: Sequence[Any]) -> bytes:
     return dumps(list(tasks))
 
 
-def loads(data: bytes) -> Any:
-    """Unpickle bytes made by :func:`dumps`; plain pickle reads cloudpickle's output."""
-    return pickle.loads(data)
+def loads(data: Any) -> Any:
+    """Unpickle bytes made by :func:`dumps`; plain pickle reads cloudpickle's output.
+
+    A pickle that came with shared segments (an ``alloter_mp._shm.Received``) loads
+    itself on them.
+    """
+    if isinstance(data, bytes):
+        return pickle.loads(data)
+    return data.load()
 
 
 class ExceptionInfo(NamedTuple):

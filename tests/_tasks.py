@@ -97,8 +97,10 @@ def start_child_and_hang(pidfile):
 
 
 def write_pid_and_sleep(pidfile, seconds):
-    with open(pidfile, "w") as f:
+    # Written aside, then renamed: a reader never sees the file empty.
+    with open(f"{pidfile}.part", "w") as f:
         f.write(str(os.getpid()))
+    os.replace(f"{pidfile}.part", pidfile)
     time.sleep(seconds)
     return seconds
 

@@ -592,7 +592,9 @@ def test_a_failing_filter_of_the_parent_does_not_stop_the_other_records(logs, ca
 
 
 def test_the_logs_message_kind_is_not_one_of_the_workers():
-    from alloter_mp import _worker
+    from alloter_mp import _sight, _worker
 
-    kinds = {_worker.TASKS, _worker.STOP, _worker.RESULTS, _worker.INIT_FAILED, _worker.ITEM}
-    assert LOGS not in kinds
+    kinds = [getattr(_worker, name) for name in _worker.__all__ if name.isupper()]
+    kinds.remove(_worker.SKIPPED)  # a result code, not a message kind
+    kinds += [LOGS, _sight.CONFIG, _sight.OUTPUT]
+    assert len(set(kinds)) == len(kinds) == 11

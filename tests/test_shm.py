@@ -476,3 +476,23 @@ def test_resource_tracker_unlinks_a_name_left_by_sigkill(tmp_path: Path) -> None
     while time.monotonic() < deadline and (Path("/dev/shm") / name).exists():
         time.sleep(0.05)
     assert not (Path("/dev/shm") / name).exists()
+
+
+def test_a_buffer_that_cannot_be_mapped_is_read_as_a_read_only_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before Python 3.13 each mapping holds a descriptor: thousands of kept results
+    # can run out of them. Loading must still give the object.
+    big = np.arange(MiB, dtype=np.float64) * 3
+    with _shm.Outbox() as out:
+        packed = out.dumps([big, big[: MiB // 2]])
+        copies = [os.dup(fd) for fd in out.fds()]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_shm.mmap, "mmap", refuse)
+    with _shm.Inbox(copies) as inbox:
+        first, half = inbox.loads(packed)
+    assert np.array_equal(first, big) and np.array_equal(half, big[: MiB // 2])
+    assert not first.flags.writeable and not half.flags.writeable
