@@ -176,8 +176,10 @@ def to_json(run: Run) -> dict[str, Any]:
             }
         wls[w.key] = {
             "title": w.title,
+            "title_for": w.title_for(run.cfg),
             "unit": w.unit,
             "higher_is_better": w.higher_better,
+            "ours_row": w.ours_row,
             "rows": rows,
         }
         extra.update(w.json_extra(run))
