@@ -255,6 +255,17 @@ def test_a_titled_block_is_a_file_beside_the_next_block_that_runs(tmp_path: Path
     assert (folder / "helper.py").read_text() == "VALUE = 42\n"
 
 
+def test_the_reference_renders_every_public_name() -> None:
+    import alloter_mp
+    import alloter_mp.ray
+
+    pages = "".join(p.read_text() for p in (REPO / "docs" / "reference").glob("*.md"))
+    rendered = set(re.findall(r"^::: (\S+)$", pages, flags=re.M))
+    public = {f"alloter_mp.{name}" for name in alloter_mp.__all__ if name != "__version__"}
+    public |= {f"alloter_mp.ray.{name}" for name in alloter_mp.ray.__all__}
+    assert not public - rendered, f"public names missing from docs/reference: {public - rendered}"
+
+
 # The site's pages and the README's links to them (the site itself is built by CI).
 LINK = re.compile(r"\]\((?!https?://|#|mailto:)([^)\s]+)\)")
 

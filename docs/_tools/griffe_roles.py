@@ -19,8 +19,10 @@ from typing import Any
 
 import griffe
 
-# The modules whose exported names the reference renders (docs/reference/*.md).
+# The modules whose exported names the reference renders (docs/reference/*.md), and
+# the other objects it renders under their own path.
 PUBLIC_MODULES = ("alloter_mp", "alloter_mp.ray")
+ALSO_RENDERED = ("alloter_mp._executor.Future",)
 # An inherited method is documented on every public class that has it; links go to
 # the first of these that has it.
 PREFERRED = ("alloter_mp.ProcessAlloter",)
@@ -64,6 +66,8 @@ def public_paths(pkg: griffe.Module) -> dict[str, str]:
         module = pkg.modules_collection[module_path]
         for name in module.exports or ():
             exported.append((f"{module_path}.{name}", module.members[str(name)]))
+    for path in ALSO_RENDERED:
+        exported.append((path, pkg.modules_collection[path]))
     exported.sort(key=lambda item: item[0] not in PREFERRED)
     for public, member in exported:
         target = member.final_target if member.is_alias else member
