@@ -255,6 +255,19 @@ def test_a_titled_block_is_a_file_beside_the_next_block_that_runs(tmp_path: Path
     assert (folder / "helper.py").read_text() == "VALUE = 42\n"
 
 
+def test_the_sites_code_fits_its_column() -> None:
+    """The site shows code in a column of about 80 characters: a longer line hides its
+    end behind a scroll bar (docs/ruff.toml formats the blocks to 79)."""
+    long = [
+        f"{block.name}+{n}"
+        for block in BLOCKS
+        if block.path.is_relative_to(REPO / "docs")
+        for n, line in enumerate(block.code.splitlines(), 1)
+        if len(line) > 80
+    ]
+    assert not long, f"code lines over 80 characters: {long}"
+
+
 def test_the_reference_renders_every_public_name() -> None:
     import alloter_mp
     import alloter_mp.ray

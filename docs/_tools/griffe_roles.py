@@ -27,7 +27,9 @@ ALSO_RENDERED = ("alloter_mp._executor.Future",)
 # the first of these that has it.
 PREFERRED = ("alloter_mp.ProcessAlloter",)
 
-ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|exc|data|obj|mod):`(~?)([^`]+)`")
+ROLE = re.compile(
+    r":(?:py:)?(class|func|meth|attr|exc|data|obj|mod):`(~?)([^`]+)`"
+)
 DOCTEST_OPTION = re.compile(r"\s*#\s*doctest:.*$")
 
 
@@ -65,7 +67,9 @@ def public_paths(pkg: griffe.Module) -> dict[str, str]:
     for module_path in PUBLIC_MODULES:
         module = pkg.modules_collection[module_path]
         for name in module.exports or ():
-            exported.append((f"{module_path}.{name}", module.members[str(name)]))
+            exported.append(
+                (f"{module_path}.{name}", module.members[str(name)])
+            )
     for path in ALSO_RENDERED:
         exported.append((path, pkg.modules_collection[path]))
     exported.sort(key=lambda item: item[0] not in PREFERRED)
@@ -85,7 +89,9 @@ def public_paths(pkg: griffe.Module) -> dict[str, str]:
     return found
 
 
-def roles_to_links(text: str, obj: griffe.Object, public: dict[str, str]) -> str:
+def roles_to_links(
+    text: str, obj: griffe.Object, public: dict[str, str]
+) -> str:
     """Each ``:role:`name``` in ``text`` as a Markdown link, or as code."""
 
     def replace(match: re.Match[str]) -> str:
@@ -100,11 +106,15 @@ def roles_to_links(text: str, obj: griffe.Object, public: dict[str, str]) -> str
     return ROLE.sub(replace, text)
 
 
-def resolve(name: str, obj: griffe.Object, public: dict[str, str]) -> str | None:
+def resolve(
+    name: str, obj: griffe.Object, public: dict[str, str]
+) -> str | None:
     """The public path of ``name`` as seen from ``obj``'s docstring, if documented."""
     name = name.lstrip(".")
     scopes = []
-    scope: griffe.Object | None = obj if obj.is_class or obj.is_module else obj.parent
+    scope: griffe.Object | None = (
+        obj if obj.is_class or obj.is_module else obj.parent
+    )
     while scope is not None:
         scopes.append(scope.path)
         scope = scope.parent
@@ -114,7 +124,12 @@ def resolve(name: str, obj: griffe.Object, public: dict[str, str]) -> str | None
             return public[path]
         try:
             found = obj.modules_collection[path]
-        except (KeyError, ValueError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+        except (
+            KeyError,
+            ValueError,
+            griffe.AliasResolutionError,
+            griffe.CyclicAliasError,
+        ):
             continue
         real = found.final_target if found.is_alias else found
         # An attribute without a docstring has no anchor: link to its class instead.
