@@ -5,7 +5,8 @@
     python scripts/bench.py --quick         # smoke run, about a minute
     python scripts/bench.py --rounds 9 --workers 2 --json bench.json
     python scripts/bench.py --libs ours,mp_pool --workloads submit,map
-    python scripts/bench.py --json bench.json --chart docs/images/bench_ratios.png
+    # the documentation's chart and table (docs/performance.md), from a whole run:
+    python scripts/bench.py --json bench.json --chart docs/images/bench_ratios.png --page docs/performance.md
     python scripts/bench.py --from-json bench.json --chart ratios.png   # redraw only
 
 Libraries: alloter_mp, concurrent.futures.ProcessPoolExecutor, multiprocessing.Pool,
@@ -57,6 +58,7 @@ every cell, and at exit every descendant is killed and reaped.
 --chart FILE draws alloter_mp's ratio against each peer, per workload, on a log
 scale (right of 1: alloter_mp did better), from the run just made or, with
 --from-json, from the JSON of an earlier one (benchkit/chart.py; needs matplotlib).
+--page FILE writes the run's table into FILE between its "bench table" markers.
 
 The code is the package ``scripts/benchkit`` (its ``__init__`` maps it); this file
 only sets up the import paths.

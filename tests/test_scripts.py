@@ -297,3 +297,26 @@ def test_bench_chart_from_a_saved_run(tmp_path: Path, monkeypatch: pytest.Monkey
     )
     assert res.returncode == 0, res.stderr
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_page_gets_the_runs_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--page writes the run's table between the page's markers, and only there."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from benchkit.adapters import PPE
+    from benchkit.cells import Cell
+    from benchkit.config import Config
+    from benchkit.engine import Run
+    from benchkit.render import PAGE_END, PAGE_START, write_page
+    from benchkit.workloads import WORKLOADS
+
+    run = Run(Config(), None, WORKLOADS, WORKLOADS)
+    run.add("rt", "alloter_mp", Cell(value=100.0))
+    run.add("rt", PPE().name, Cell(value=200.0))
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Before\n\n{PAGE_START}\nold table\n{PAGE_END}\n\nAfter.\n")
+    write_page(run, str(page))
+    text = page.read_text()
+    assert text.startswith("# Before\n\n" + PAGE_START) and text.endswith(PAGE_END + "\n\nAfter.\n")
+    assert "old table" not in text
+    assert "| warm round trip of one task (us, lower is better) | alloter_mp | 100 |" in text
+    assert f"| | {PPE().name} | 200 | 0.50x | ours better |" in text.replace("|  |", "| |")

@@ -65,7 +65,7 @@ def advantages(data: dict[str, Any]) -> list[tuple[str, list[tuple[str, float, b
             continue
         title = workload.get("title_for") or _format(workload["title"], titles)
         direction = "higher" if workload["higher_is_better"] else "lower"
-        title = "\n".join(textwrap.wrap(title, 46))
+        title = "\n".join(textwrap.wrap(title, 40))
         out.append((f"{title}\n[{workload['unit']}, {direction} is better]", pairs))
     return out
 
@@ -97,7 +97,7 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
     values = [r for _, pairs in rows for _, r, _ in pairs]
     low = min(0.5, min(values) / 1.5)
     high = max(2.0, max(values) * 1.5)
-    fig, ax = plt.subplots(figsize=(11, 0.62 * len(rows) + 2.6))
+    fig, ax = plt.subplots(figsize=(9, 0.62 * len(rows) + 2.8))
     ax.set_xscale("log")
     ax.set_xlim(low, high)
     ax.axvspan(low, 1, color="#f4e4e4", zorder=0)
@@ -123,21 +123,23 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
             if not spun:
                 seen.setdefault(label, point)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([title for title, _ in rows], fontsize=8)
+    ax.set_yticklabels([title for title, _ in rows], fontsize=9)
     ax.invert_yaxis()
-    ax.set_xlabel(
-        "alloter_mp's advantage over the peer (x, log scale): right of 1, alloter_mp did better"
-    )
-    ax.text(0.01, 1.005, "peer better", transform=ax.transAxes, ha="left", va="bottom", fontsize=8)
-    ax.text(
-        0.99,
-        1.005,
-        "alloter_mp better",
-        transform=ax.transAxes,
-        ha="right",
-        va="bottom",
-        fontsize=8,
-    )
+    ax.set_xlabel("alloter_mp's advantage over the peer (x, log scale)", fontsize=9.5)
+    for x, align, text in (
+        (0.01, "left", "<- peer better"),
+        (0.99, "right", "alloter_mp better ->"),
+    ):
+        ax.text(
+            x,
+            0.005,
+            text,
+            transform=ax.transAxes,
+            ha=align,
+            va="bottom",
+            fontsize=8.5,
+            color="#555555",
+        )
     ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300) if low <= t <= high]
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}x" for t in ticks])
@@ -151,9 +153,10 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
     ax.legend(
         handles,
         labels,
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        fontsize=8,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.02),
+        ncol=2,
+        fontsize=8.5,
         frameon=False,
     )
     cfg = data.get("config", {})
@@ -162,7 +165,7 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
     fig.suptitle(
         f"alloter_mp against its peers: median of {rounds} round(s), "
         f"{cfg.get('workers', '?')} workers, {data.get('cpu_count', '?')} CPUs{quick}",
-        fontsize=10,
+        fontsize=11,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

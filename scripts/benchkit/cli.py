@@ -11,7 +11,7 @@ from .chart import draw_chart
 from .config import make_config
 from .engine import Run, fresh_child, log
 from .procs import kill_everything
-from .render import render, to_json
+from .render import render, to_json, write_page
 from .workloads import BY_KEY, WORKLOADS
 
 DESCRIPTION = "Benchmark alloter_mp against its peers, side by side, in one run."
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         "--chart",
         metavar="FILE",
         help="draw alloter_mp's ratio against each peer to FILE (.png, .svg; needs matplotlib)",
+    )
+    ap.add_argument(
+        "--page",
+        metavar="FILE",
+        help="write the run's table into FILE between its bench table markers "
+        "(docs/performance.md)",
     )
     ap.add_argument(
         "--from-json",
@@ -87,4 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.chart:
         draw_chart(data, args.chart)
         log(f"chart drawn to {args.chart}")
+    if args.page:
+        write_page(run, args.page)
+        log(f"table written into {args.page}")
     return 0
