@@ -95,6 +95,7 @@ class Slot:
         "owner",
         "payload",
         "peak_rss",
+        "pending_failure",
         "pid",
         "requeued",
         "result",
@@ -128,6 +129,10 @@ class Slot:
         self.attempts = 0  # how many times it ran
         self.requeued = 0  # times it went back to the queue unstarted
         self.not_before = 0.0  # a retry waits until then
+        # The failure a retry would replace: what the task's last attempt gave, and
+        # what counts if the batch ends before the retry runs (queued, or handed to a
+        # worker that never started it).
+        self.pending_failure: tuple[BaseException, TaskStatus] | None = None
         # Ended on its own (a task timeout: TIMEOUT; a killed future: CANCELLED): the
         # runner tells it and kills it at ended_at + the grace.
         self.ended_alone: TaskStatus | None = None
@@ -473,7 +478,7 @@ class Batch:
             skipped = []
             for slot in itertools.chain(self._queued, (d[2] for d in self._delayed)):
                 if slot.status is QUEUED:
-                    self._settle(slot, SKIPPED)
+                    self._settle(slot, self._unstarted_status(slot))
                     skipped.append(slot)
             # Replaced, never emptied in place: the runner peeks without the lock.
             self._queued = deque()
@@ -574,8 +579,8 @@ class Batch:
 
     def task_unstarted(self, slot: Slot) -> bool:
         """Its worker never started the task: it goes back to the queue (this is no
-        retry), or ends ``skipped`` once the batch has ended or ``cancelled`` if it was
-        ended alone. ``False`` when it went back too often already: the runner then
+        retry), or ends ``skipped`` once the batch has ended (a retry: with its last
+        attempt's failure) or ``cancelled`` if it was ended alone. ``False`` when it went back too often already: the runner then
         blames it (a worker that cannot start tasks must not be replaced forever).
         """
         with self._lock:
@@ -595,7 +600,7 @@ class Batch:
                     self._finish(slot, CANCELLED)
                     self._check_success()
                 else:
-                    self._finish(slot, SKIPPED)
+                    self._finish(slot, self._unstarted_status(slot))
                 requeued = False
         if requeued:
             self.notify()
@@ -673,6 +678,7 @@ class Batch:
             self._finish(slot, self._end_status())
             return None
         if self._retry(slot, error, slot.attempts):
+            slot.pending_failure = (error, status)
             return None
         slot.error = error
         self._finish(slot, status)
@@ -741,9 +747,12 @@ class Batch:
             slot.attempts = max(slot.item_attempts or [1])
             if self.end_kind is None:
                 self._ok += 1
-                failed = _FAILED in slot.item_state
-                self._finish(slot, ERROR if failed and not self.keep_going else OK)
-                self._check_success()
+                ends = _FAILED in slot.item_state and not self.keep_going
+                self._finish(slot, ERROR if ends else OK)
+                if not ends:
+                    # A failed item ends the batch: the caller reports it (fail(),
+                    # outside the lock), even when this was the last slot to settle.
+                    self._check_success()
             else:
                 self._finish(slot, self._end_status())
             return
@@ -773,6 +782,14 @@ class Batch:
             return self.outcome
         index = getattr(self.outcome, "index", None)
         return Cancelled(f"cancelled because task {index} failed first")
+
+    def _unstarted_status(self, slot: Slot) -> TaskStatus:
+        """How a task that will not run (again) ends: ``skipped`` if it never ran; if
+        its retry never ran, its last attempt's failure (that attempt counts)."""
+        if slot.pending_failure is None:
+            return SKIPPED
+        slot.error, status = slot.pending_failure
+        return status
 
     def _end_status(self) -> TaskStatus:
         return TIMEOUT if self.end_kind is EndKind.TIMEOUT else CANCELLED

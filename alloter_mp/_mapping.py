@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from . import _task, _transport, _words
 from ._batch import MAIN_THREAD_SLICE, Batch, Slot
 from ._errors import Cancelled, SerializationError
+from ._states import TaskStatus
 
 
 class CallSteps(Protocol):
@@ -261,15 +262,13 @@ class _Feeder:
             self._adapt(slot)
             if not self.ordered:
                 taken += 1
-                result, slot.result = slot.result, None
-                yield from result
+                yield from _take(slot)
                 continue
             pending[slot.index] = slot
             while next_yield in pending:
                 done = pending.pop(next_yield)
                 next_yield += 1
-                result, done.result = done.result, None
-                yield from result
+                yield from _take(done)
 
     def _feed(self) -> bool:
         items = list(itertools.islice(self.items, self.size))
@@ -311,6 +310,15 @@ class _Feeder:
             self.size = max(1, min(MOST_PER_CHUNK, target, self.size * 4))
         elif count:
             self.size = min(MOST_PER_CHUNK, self.size * 4)
+
+
+def _take(slot: Slot) -> list[Any]:
+    """A settled chunk's values (released from the slot), in item order."""
+    result, slot.result = slot.result, None
+    if result is None and slot.status is not TaskStatus.OK:
+        # A keep-going batch's failed one-item chunk (items sent alone, as on Ray).
+        return [slot.error]
+    return result  # type: ignore[no-any-return]
 
 
 def _first_unpicklable(items: list[Any]) -> int:

@@ -5,9 +5,15 @@ Every task records what it did in a *marker directory*, so a test can check from
 outside which tasks really started, which worker ran them and which processes they
 started:
 
-* ``<i>.start``  written first thing by task ``i``: ``"<worker pid>"``;
+* ``<i>.start``  one line ``"<worker pid> <monotonic time>"`` appended first thing by
+  every run of task ``i`` (a retried task has one line per run);
 * ``<i>.child``  one line ``"<pid> <create_time>"`` per process the task started;
-* ``<i>.cancel`` written when a cooperative task saw ``alloter_mp.cancelled()``.
+* ``<i>.cancel`` one line ``"<monotonic time>"`` appended each time a cooperative task
+  saw ``alloter_mp.cancelled()``.
+
+Times are ``time.monotonic()``: one clock for every process of the machine (Linux's
+``CLOCK_MONOTONIC``), so a test compares them with its own. Each line is written by
+one ``write`` to a file opened for appending, so lines of several runs never mix.
 
 Tasks are ``functools.partial`` objects over module-level functions, so they pickle
 by reference under every start method (the tests directory is on ``sys.path``).
@@ -52,6 +58,9 @@ SLEEP_LONG = "sleep_long"  # sleep far past any timeout, ignoring cancelled()
 COOPERATIVE = "cooperative"  # wait for cancelled(), then return by itself
 IGNORE_TERM = "ignore_term"  # ignore SIGTERM and spin
 CHILD_HANG = "child_hang"  # start a child process (several ways) and hang
+# Fail the first runs, then return a value: param (how, failures), ``how`` one of
+# FLAKY_MODES. It counts its runs by its own start marker.
+FLAKY = "flaky"
 
 # The task returns a value by itself.
 BENIGN = frozenset({VALUE, SLEEP})
@@ -68,6 +77,13 @@ ALL_KINDS = (
     VALUE, SLEEP, RAISE, SEGFAULT, EXIT, SIGKILL_SELF, UNPICKLABLE, MEMORY,
     SLEEP_LONG, COOPERATIVE, IGNORE_TERM, CHILD_HANG,
 )  # fmt: skip
+
+# How a FLAKY task fails its first runs.
+FLAKY_MODES = (
+    "raise",  # raise ValueError
+    "exit",  # os._exit(3): WorkerCrashed
+    "hang",  # sleep past any timeout, ignoring cancelled(): ended by a task timeout
+)
 
 # How a CHILD_HANG task starts its child.
 CHILD_MODES = (
@@ -102,8 +118,28 @@ def _write(path: Path, text: str, mode: str = "w") -> None:
         f.flush()
 
 
+def _append_line(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())  # one write: lines never interleave
+    finally:
+        os.close(fd)
+
+
 def _mark_start(d: str, i: int) -> None:
-    _write(Path(d) / f"{i}.start", str(os.getpid()))
+    _append_line(Path(d) / f"{i}.start", f"{os.getpid()} {time.monotonic()!r}")
+
+
+def _mark_cancel(d: str, i: int) -> None:
+    _append_line(Path(d) / f"{i}.cancel", repr(time.monotonic()))
+
+
+def _lines(path: Path) -> list[list[str]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [line.split() for line in text.splitlines() if line.strip()]
 
 
 def _record_child(d: str, i: int, pid: int) -> None:
@@ -114,14 +150,20 @@ def _record_child(d: str, i: int, pid: int) -> None:
     _write(Path(d) / f"{i}.child", f"{pid} {created}\n", "a")
 
 
-def started(d: str | Path) -> dict[int, int]:
-    """``{task index: worker pid}`` of every task that started."""
+def runs(d: str | Path) -> dict[int, list[tuple[int, float]]]:
+    """``{task index: [(worker pid, monotonic start time), ...]}``: every run of
+    every task that started, in the order they started."""
     out = {}
     for p in Path(d).glob("*.start"):
-        text = p.read_text().strip()
-        if text:
-            out[int(p.name.split(".")[0])] = int(text)
+        lines = [(int(pid), float(t)) for pid, t in _lines(p)]
+        if lines:
+            out[int(p.name.split(".")[0])] = sorted(lines, key=lambda run: run[1])
     return out
+
+
+def started(d: str | Path) -> dict[int, int]:
+    """``{task index: worker pid}`` of every task that started (its last run)."""
+    return {i: r[-1][0] for i, r in runs(d).items()}
 
 
 def children(d: str | Path) -> list[tuple[int, int, float]]:
@@ -136,8 +178,19 @@ def children(d: str | Path) -> list[tuple[int, int, float]]:
     return out
 
 
+def cancels(d: str | Path) -> dict[int, list[float]]:
+    """``{task index: [monotonic time, ...]}``: each time a cooperative task saw
+    ``cancelled()``."""
+    out = {}
+    for p in Path(d).glob("*.cancel"):
+        times = sorted(float(t) for (t,) in _lines(p))
+        if times:
+            out[int(p.name.split(".")[0])] = times
+    return out
+
+
 def saw_cancel(d: str | Path) -> set[int]:
-    return {int(p.name.split(".")[0]) for p in Path(d).glob("*.cancel")}
+    return set(cancels(d))
 
 
 # -- the task bodies (module level, so they pickle by reference) ----------------
@@ -202,7 +255,7 @@ def cooperative(d: str, i: int, param: Any) -> Any:
     end = time.monotonic() + HANG_SECONDS
     while time.monotonic() < end:
         if alloter_mp.cancelled():
-            _write(Path(d) / f"{i}.cancel", "1")
+            _mark_cancel(d, i)
             return "noticed"
         time.sleep(0.005)
     return "not noticed"
@@ -235,6 +288,18 @@ def child_hang(d: str, i: int, param: str) -> Any:
     time.sleep(HANG_SECONDS)
 
 
+def flaky(d: str, i: int, param: tuple[str, int]) -> Any:
+    _mark_start(d, i)
+    how, failures = param
+    if len(_lines(Path(d) / f"{i}.start")) <= failures:
+        if how == "raise":
+            raise ValueError(f"fault in task {i}")
+        if how == "exit":
+            os._exit(3)
+        time.sleep(HANG_SECONDS)
+    return ("r", i, param)
+
+
 _BODIES: dict[str, Callable[..., Any]] = {
     VALUE: value,
     SLEEP: sleep,
@@ -248,6 +313,7 @@ _BODIES: dict[str, Callable[..., Any]] = {
     COOPERATIVE: cooperative,
     IGNORE_TERM: ignore_term,
     CHILD_HANG: child_hang,
+    FLAKY: flaky,
 }
 
 
@@ -256,12 +322,27 @@ def make_task(fault: Fault, index: int, marker_dir: str | Path) -> Callable[[], 
     return functools.partial(_BODIES[fault.kind], str(marker_dir), index, fault.param)
 
 
+def run_item(d: str, faults: tuple[tuple[str, Any], ...], index: int) -> Any:
+    """Item ``index`` of a ``map`` over the task indexes: the task ``faults[index]``
+    (``(kind, param)`` pairs), run as :func:`make_task` would."""
+    kind, param = faults[index]
+    return _BODIES[kind](d, index, param)
+
+
+def make_item_fn(faults: list[Fault], marker_dir: str | Path) -> Callable[[int], Any]:
+    """The function (picklable) that ``map(fn, range(len(faults)))`` runs the faults with."""
+    pairs = tuple((f.kind, f.param) for f in faults)
+    return functools.partial(run_item, str(marker_dir), pairs)
+
+
 def expected_exitcode(fault: Fault) -> int | None:
     """The ``WorkerCrashed.exitcode`` a crashing fault gives."""
     if fault.kind == SEGFAULT:
         return -signal.SIGSEGV
     if fault.kind == EXIT:
         return int(fault.param)
+    if fault.kind == FLAKY:
+        return 3
     if fault.kind in (SIGKILL_SELF, MEMORY):
         return -signal.SIGKILL
     raise ValueError(f"{fault.kind} does not crash")

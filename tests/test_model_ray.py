@@ -2,9 +2,11 @@
 
 Only what RayAlloter's contract says differs is adapted (:class:`RayTarget`):
 
-* timing bounds are 500 ms instead of 50 ms: how late an end may come, how fast an
-  instant failure returns, how long a benign batch may take; and a task handed to
-  Ray only runs once one of the session Ray's 2 CPUs is free. A call after the batch
+* timing bounds are 500 ms instead of 50 ms: how late an end may come (a task ended
+  by its own task timeout included: its watchdog SIGKILLs its worker when the grace
+  is over, with no SIGTERM first), how fast an instant failure returns, how long a
+  batch that ends by itself may take; and a task handed to Ray only runs once one of
+  the session Ray's 2 CPUs is free. A call after the batch
   runs under the alloter's own timeout, which may be shorter than a task may take to
   start on Ray: with a timeout under 2 bounds, that call may time out, but what ended
   must be right, and nothing may crash or fail;
@@ -19,6 +21,14 @@ Only what RayAlloter's contract says differs is adapted (:class:`RayTarget`):
   is dead) plus "no process of ours is left besides Ray's". ``_faults`` has no child
   that escapes Ray's kill: its "session" child is a direct child of the worker and
   its "orphan" stays in the worker's process group;
+* a task handed to Ray counts as running even while Ray queues it, so it may start
+  after its call returned (told at once, ended by its watchdog): the model allows a
+  start up to the grace plus the runner's late forced cancel (``FORCE_LATE``) plus
+  the 500 ms bound after the call, where the pool allows only the start of a task
+  its worker had begun to start;
+* a ``map`` or ``imap`` whose items are judged one by one (``errors="return"``, a
+  task timeout, retries) sends each item as a Ray task of its own: the chunk size
+  drawn does not apply there, and nothing the checks say depends on it;
 * file descriptors are compared with some slack: the driver's connection to Ray
   opens and closes gRPC descriptors on its own schedule (measured: within -2..+2 of
   the baseline over 80 examples), so only a leak that grows is caught.
@@ -52,6 +62,7 @@ from test_model import (
 )
 
 from alloter_mp import Context
+from alloter_mp._ray_runner import FORCE_LATE
 from alloter_mp.ray import RayAlloter
 
 pytestmark = pytest.mark.ray
@@ -72,19 +83,29 @@ class RayTarget(Target):
     memory_limit = RAY_MEMORY_LIMIT
     late = LATE + BOUND
     kill_slack = KILL_SLACK + BOUND
+    # A task's watchdog SIGKILLs its worker (and its process group) when the grace is
+    # over: no SIGTERM first. The 500 ms bound is in ``late``.
+    escalation = 0.0
     fast_end = 1.0 + BOUND
     fast_return = 0.9 + BOUND
     spare = 0.5 + BOUND
     per_task = 0.01  # Ray's scheduling, about 3 ms a task
 
     def make(self, sc: Scenario) -> RayAlloter:
-        return RayAlloter(
-            sc.limit, timeout=sc.timeout, cancel_grace=sc.grace, memory_limit=sc.memory_limit
-        )
+        return RayAlloter(sc.limit, **sc.alloter_options())
 
     def at_once(self, limit: int) -> int:
         # Tasks handed to Ray beyond its CPUs wait in Ray's queue.
         return min(limit, RAY_CPUS)
+
+    def start_slack(self, sc: Scenario) -> float:
+        # A task handed to Ray counts as running even while Ray queues it, and Ray
+        # may still start one after the call ended: the runner's unforced cancel
+        # does not stop a task Ray is already leasing a worker for, and its forced
+        # cancel comes only FORCE_LATE after the grace (a Ray 2.60 workaround, see
+        # _ray_runner). Measured: up to 0.87 s after a call returned, with a 0.1 s
+        # grace. The task is told at once and ended by its watchdog.
+        return self.late + sc.grace + FORCE_LATE
 
     def expected_exitcode(self, fault: Fault) -> int | None:
         if fault.kind == F.MEMORY:

@@ -92,6 +92,18 @@ def raise_first_times(d: str, name: str, failures: int, exc: type[BaseException]
     return name
 
 
+def raise_after(d: str, name: str, seconds: float) -> None:
+    note_run(d, name)
+    time.sleep(seconds)
+    raise ValueError(name)
+
+
+def hang_item(x: int) -> int:
+    if x == 1:
+        time.sleep(30)
+    return x
+
+
 def item_task(d: str, x: int) -> int:
     note_run(d, f"item{x}")
     if x == 5:
@@ -279,6 +291,43 @@ def test_a_failure_that_will_be_retried_does_not_end_the_siblings(tmp_path: Path
     assert len(runs(tmp_path, "sib")) == 1
 
 
+def test_a_retry_still_waiting_when_the_call_ends_reports_its_failure(tmp_path: Path) -> None:
+    # "skipped" is a task that never started (0 attempts). One that ran, crashed and
+    # was waiting for its retry when a sibling's failure ended the call keeps what
+    # its run gave: its crash, with its one attempt.
+    d = str(tmp_path)
+    with ProcessAlloter(2, retries=2, retry_delay=5.0) as a:
+        t0 = time.monotonic()
+        report = a.exec_report(
+            _task(crash_first_times, d, "flaky", 5), _task(raise_after, d, "sib", 0.3)
+        )
+        took = time.monotonic() - t0
+    assert took < 3.0  # the retry's delay is not awaited
+    assert len(runs(tmp_path, "flaky")) == 1
+    flaky, sib = report.tasks
+    assert (sib.status, sib.attempts) == ("error", 1)
+    assert isinstance(report.outcome, TaskError) and report.outcome.index == 1
+    assert (flaky.status, flaky.attempts) == ("crashed", 1), (flaky.status, flaky.attempts)
+    assert isinstance(flaky.error, WorkerCrashed) and flaky.error.exitcode == 7
+
+
+def test_a_retry_handed_over_but_not_started_when_the_call_ends_reports_its_failure(
+    tmp_path: Path,
+) -> None:
+    # The same when the retry was already handed to a worker that had not started
+    # it (here a new worker, still in its 0.6 s initializer) when the call ended.
+    d = str(tmp_path)
+    with ProcessAlloter(2, retries=1, initializer=time.sleep, initargs=(0.6,)) as a:
+        report = a.exec_report(
+            _task(crash_first_times, d, "flaky", 5), _task(raise_after, d, "sib", 0.3)
+        )
+    assert len(runs(tmp_path, "flaky")) == 1
+    flaky, sib = report.tasks
+    assert (sib.status, sib.attempts) == ("error", 1)
+    assert (flaky.status, flaky.attempts) == ("crashed", 1), (flaky.status, flaky.attempts)
+    assert isinstance(flaky.error, WorkerCrashed) and flaky.error.exitcode == 7
+
+
 def test_an_idle_kill_is_not_a_retry_and_attempts_count_runs(tmp_path: Path) -> None:
     d = str(tmp_path)
     with ProcessAlloter(2, retries=0) as a:
@@ -350,6 +399,19 @@ def test_a_failed_item_is_retried_within_its_chunk(tmp_path: Path) -> None:
         assert a.map(functools.partial(crash_item_once, d), range(8), chunksize=4) == list(range(8))
     assert len(runs(tmp_path, "item3")) == 2
     assert all(len(runs(tmp_path, f"item{x}")) == 1 for x in range(8) if x != 3)
+
+
+def test_without_errors_return_the_item_that_fails_last_is_still_raised() -> None:
+    # Items judged one by one (here for retries): when the failing item is the last
+    # to settle, its failure is still the call's outcome, not a value in its place.
+    with (
+        ProcessAlloter(
+            2, task_timeout=0.3, cancel_grace=0.05, retries=1, retry_on=(KeyError,)
+        ) as a,
+        pytest.raises(TaskTimeout) as info,
+    ):
+        a.map(hang_item, [0, 1], chunksize=1)
+    assert info.value.index == 1
 
 
 def test_errors_return_still_ends_everything_at_the_call_timeout(tmp_path: Path) -> None:

@@ -518,6 +518,18 @@ def test_map_and_imap(ralloter: RayAlloter) -> None:
     assert info.value.index == 42
 
 
+def test_imap_errors_return_puts_each_failure_in_place(ralloter: RayAlloter) -> None:
+    # On Ray each item of a keep-going imap is a task of its own (a one-item chunk):
+    # a failed one still yields its TaskError in its place, in order or not.
+    got = list(ralloter.imap(partial(fail_on, 3), iter(range(6)), errors="return"))
+    assert [g for i, g in enumerate(got) if i != 3] == [0, 2, 4, 8, 10]
+    assert isinstance(got[3], TaskError) and got[3].index == 3
+    unordered = list(ralloter.imap(partial(fail_on, 1), range(4), ordered=False, errors="return"))
+    failed = [g for g in unordered if isinstance(g, TaskError)]
+    assert len(failed) == 1 and failed[0].index == 1
+    assert sorted(g for g in unordered if not isinstance(g, TaskError)) == [0, 4, 6]
+
+
 def test_imap_closed_early_ends_the_work(ralloter: RayAlloter) -> None:
     results = ralloter.imap(square, iter(range(10_000_000)), chunksize=10)
     assert next(results) == 0
