@@ -162,7 +162,8 @@ def write_page(run: Run, path: str) -> None:
     if start < 0 or end < start:
         raise ValueError(f"{path} has no {PAGE_START} ... {PAGE_END} part to fill")
     heading = [f"* {line}" for line in _heading(run) if not line.startswith("median over")]
-    part = [PAGE_START, "", *heading, "", *_table(run, for_page=True), ""]
+    table = ['<div class="bench-table" markdown>', "", *_table(run, for_page=True), "", "</div>"]
+    part = [PAGE_START, "", *heading, "", *table, ""]
     with open(path, "w") as f:
         f.write(text[:start] + "\n".join(part) + "\n" + text[end:])
 
