@@ -75,6 +75,7 @@ class Board:
         self._kills: dict[tuple[int, int], tuple[int, int]] = {}
         self._pids: dict[tuple[int, int], int] = {}
         self._timeouts: set[tuple[int, int]] = set()
+        self._ended_at: dict[int, float] = {}
 
     def _event(self, key: int) -> asyncio.Event:
         event = self._ended.get(key)
@@ -88,14 +89,18 @@ class Board:
 
     async def end(self, key: int) -> None:
         """Batch ``key`` has ended: its running tasks should stop."""
+        self._ended_at.setdefault(key, time.time())
         self._event(key).set()
 
-    async def wait_end(self, key: int, timeout: float) -> bool:
-        """Whether batch ``key`` ended, waiting for it at most ``timeout`` seconds."""
+    async def wait_end(self, key: int, timeout: float) -> float | None:
+        """When batch ``key`` ended (wall-clock seconds), waiting for it at most
+        ``timeout`` seconds; ``None`` if it has not."""
         event = self._event(key)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        return event.is_set()
+        if not event.is_set():
+            return None
+        return self._ended_at.get(key, time.time())
 
     async def started(self, key: int, index: int, pid: int) -> None:
         """Task ``index`` of batch ``key`` runs in worker process ``pid``."""
@@ -130,6 +135,7 @@ class Board:
     async def forget(self, key: int) -> None:
         """Batch ``key`` is settled: drop what is known of it."""
         event = self._ended.pop(key, None)
+        self._ended_at.pop(key, None)
         if event is not None:
             event.set()  # release any task still waiting on it
         for table in (self._kills, self._pids):
@@ -363,6 +369,7 @@ class _Watchdog:
         thread.start()
 
     def _watch(self) -> None:
+        ended: float | None = None
         while not self._done.is_set():
             wait = WAIT_SECONDS
             if self._own_deadline is not None:
@@ -375,12 +382,17 @@ class _Watchdog:
                 ended = ray_get(self._board.wait_end.remote(self._key, wait), 30.0 + wait)
             except Exception:
                 return  # the board is gone: the driver's forced cancel remains
-            if ended:
+            if ended is not None:
                 break
         if self._done.is_set():
             return
         self._probe.cancelled = True
-        if self._done.wait(self._grace):
+        # The grace counts from the batch's end, not from now: a task Ray started
+        # only after its batch had ended (it was handed before) gets no more time.
+        grace = self._grace
+        if ended is not None:
+            grace = max(0.0, ended + self._grace - time.time())
+        if self._done.wait(grace):
             return
         with self._lock:
             if self._done.is_set():
