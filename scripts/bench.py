@@ -5,6 +5,9 @@
     python scripts/bench.py --quick         # smoke run, about a minute
     python scripts/bench.py --rounds 9 --workers 2 --json bench.json
     python scripts/bench.py --libs ours,mp_pool --workloads submit,map
+    # the documentation's chart and table (docs/performance.md), from a whole run:
+    python scripts/bench.py --json bench.json --chart docs/images/bench_ratios.png --page docs/performance.md
+    python scripts/bench.py --from-json bench.json --chart ratios.png   # redraw only
 
 Libraries: alloter_mp, concurrent.futures.ProcessPoolExecutor, multiprocessing.Pool,
 loky, pebble, mpire and joblib (each with its default start method unless a row says
@@ -51,6 +54,11 @@ one-message-per-task throughput) shows what the operating system itself costs.
 The script cleans up every process it starts: after each cell it kills whatever new
 descendant is still alive (and reports it as a leak), a watchdog (SIGALRM) bounds
 every cell, and at exit every descendant is killed and reaped.
+
+--chart FILE draws alloter_mp's ratio against each peer, per workload, on a log
+scale (right of 1: alloter_mp did better), from the run just made or, with
+--from-json, from the JSON of an earlier one (benchkit/chart.py; needs matplotlib).
+--page FILE writes the run's table into FILE between its "bench table" markers.
 
 The code is the package ``scripts/benchkit`` (its ``__init__`` maps it); this file
 only sets up the import paths.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import multiprocessing
 import os
 import shutil
@@ -238,3 +239,84 @@ def test_bench_targets_pass_and_miss(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mark(f"8 results of 32 MiB back >= 2x faster than {ppe}: 1.67x") == "MISS"
     assert mark("8 matrix products 1500x1500, limit 2: CPU efficiency >= joblib's") == "PASS"
     assert mark("exec 10,000 tiny tasks >= 3.0x multiprocessing.Pool.apply_async") == "n/a "
+
+
+def test_bench_chart_from_a_saved_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--from-json --chart draws a saved run without running it; the ratios put
+    alloter_mp's better results right of 1 whatever the unit's direction, and leave
+    out floors and our own variants."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from benchkit.chart import advantages
+
+    def row(median: float, **meta: object) -> dict[str, object]:
+        return {"median": median, "meta": meta, "extra": [{}]}
+
+    data = {
+        "config": {"workers": 2, "rounds": 1, "n_tasks": 100},
+        "cpu_count": 2,
+        "workloads": {
+            "submit": {
+                "title": "{n} no-op tasks",
+                "unit": "tasks/s",
+                "higher_is_better": True,
+                "rows": {
+                    "alloter_mp": row(300.0),
+                    "alloter_mp (fork)": row(900.0),
+                    "multiprocessing.Pool": row(100.0),
+                    "ref: fork + Pipe": row(50.0, floor=True),
+                },
+            },
+            "rt": {
+                "title": "round trip",
+                "unit": "us",
+                "higher_is_better": False,
+                "rows": {"alloter_mp": row(200.0), "loky": row(100.0)},
+            },
+            "logs": {
+                "title": "ours alone",
+                "unit": "ms",
+                "higher_is_better": False,
+                "rows": {"alloter_mp": row(1.0)},
+            },
+        },
+    }
+    rows = advantages(data)
+    assert [(title.split("\n")[0], pairs) for title, pairs in rows] == [
+        ("100 no-op tasks", [("multiprocessing.Pool", 3.0, False)]),
+        ("round trip", [("loky", 0.5, False)]),
+    ]
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(data))
+    chart = tmp_path / "ratios.png"
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--from-json", str(saved), "--chart", str(chart)],
+        capture_output=True,
+        text=True,
+        env=with_repo(),
+        timeout=50,
+    )
+    assert res.returncode == 0, res.stderr
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_page_gets_the_runs_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--page writes the run's table between the page's markers, and only there."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from benchkit.adapters import PPE
+    from benchkit.cells import Cell
+    from benchkit.config import Config
+    from benchkit.engine import Run
+    from benchkit.render import PAGE_END, PAGE_START, write_page
+    from benchkit.workloads import WORKLOADS
+
+    run = Run(Config(), None, WORKLOADS, WORKLOADS)
+    run.add("rt", "alloter_mp", Cell(value=100.0))
+    run.add("rt", PPE().name, Cell(value=200.0))
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Before\n\n{PAGE_START}\nold table\n{PAGE_END}\n\nAfter.\n")
+    write_page(run, str(page))
+    text = page.read_text()
+    assert text.startswith("# Before\n\n" + PAGE_START) and text.endswith(PAGE_END + "\n\nAfter.\n")
+    assert "old table" not in text
+    assert "| warm round trip of one task (us, lower is better) | alloter_mp | 100 |" in text
+    assert f"| | {PPE().name} | 200 | 0.50x | ours better |" in text.replace("|  |", "| |")

@@ -13,6 +13,7 @@ Where things live:
 * ``workloads/``  one module per workload; ``workloads/__init__`` lists them in the
                   order of the table
 * ``render``      the markdown table and the JSON dump
+* ``chart``       the ratios against the peers as an image (``--chart``)
 * ``targets``     the issues' speed targets, PASS/MISS against this run
 * ``tasks``, ``np_tasks``  the functions the workers run
 

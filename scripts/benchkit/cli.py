@@ -7,10 +7,11 @@ import json
 import time
 
 from .cells import error_text
+from .chart import draw_chart
 from .config import make_config
 from .engine import Run, fresh_child, log
 from .procs import kill_everything
-from .render import render, to_json
+from .render import render, to_json, write_page
 from .workloads import BY_KEY, WORKLOADS
 
 DESCRIPTION = "Benchmark alloter_mp against its peers, side by side, in one run."
@@ -24,6 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=0, help="N for submit/map (default 10000)")
     ap.add_argument("--json", metavar="FILE", help="dump raw numbers as JSON")
     ap.add_argument(
+        "--chart",
+        metavar="FILE",
+        help="draw alloter_mp's ratio against each peer to FILE (.png, .svg; needs matplotlib)",
+    )
+    ap.add_argument(
+        "--page",
+        metavar="FILE",
+        help="write the run's table into FILE between its bench table markers "
+        "(docs/performance.md)",
+    )
+    ap.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="run nothing: draw --chart from the JSON dump of an earlier run",
+    )
+    ap.add_argument(
         "--libs",
         help="comma-separated subset: ours,ppe,mp_pool,loky,pebble,mpire,joblib",
     )
@@ -36,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args._fresh:
         return fresh_child(args._fresh, WORKLOADS)
+    if args.from_json:
+        if not args.chart:
+            ap.error("--from-json needs --chart FILE")
+        with open(args.from_json) as f:
+            draw_chart(json.load(f), args.chart)
+        log(f"chart drawn to {args.chart}")
+        return 0
     if args.workers < 1 or args.rounds < 1:
         ap.error("--workers and --rounds must be >= 1")
 
@@ -61,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         kill_everything()
     print(render(run))
     log(f"total {time.perf_counter() - t0:.1f} s")
+    data = to_json(run)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(to_json(run), f, indent=2, default=str)
+            json.dump(data, f, indent=2, default=str)
         log(f"raw numbers written to {args.json}")
+    if args.chart:
+        draw_chart(data, args.chart)
+        log(f"chart drawn to {args.chart}")
+    if args.page:
+        write_page(run, args.page)
+        log(f"table written into {args.page}")
     return 0

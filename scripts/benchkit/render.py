@@ -72,9 +72,15 @@ def _note(wl: Workload, label: str, cells: list[Cell], run: Run) -> str:
     return note
 
 
-def _table(run: Run) -> list[str]:
-    out = ["| workload | library | median | min-max | better | ours/row | verdict | notes |"]
-    out.append("|---|---|---:|---:|---|---:|---|---|")
+def _table(run: Run, *, for_page: bool = False) -> list[str]:
+    """The markdown table; ``for_page``: narrower, for the documentation's page (the
+    direction goes into the workload's cell, the min-max column is left out)."""
+    if for_page:
+        out = ["| workload | library | median | ours/row | verdict | notes |"]
+        out.append("|---|---|---:|---:|---|---|")
+    else:
+        out = ["| workload | library | median | min-max | better | ours/row | verdict | notes |"]
+        out.append("|---|---|---:|---:|---|---:|---|---|")
     for w in run.registry:
         rows = run.results[w.key]
         if not rows:
@@ -99,23 +105,27 @@ def _table(run: Run) -> list[str]:
                 kind = "(our variant)"
             else:
                 kind = verdict(ratio, w.higher_better)
-            head = f"{title} [{w.unit}]" if first else ""
+            direction = "higher" if w.higher_better else "lower"
+            if for_page:
+                head = f"{title} ({w.unit}, {direction} is better)" if first else ""
+            else:
+                head = f"{title} [{w.unit}]" if first else ""
             first = False
-            cols = [
-                head,
-                label,
-                med,
-                rng,
-                ("higher" if w.higher_better else "lower") if head else "",
-                f"{ratio:.2f}x" if ratio is not None else "",
-                kind,
-                _note(w, label, cells, run),
-            ]
+            ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
+            note = _note(w, label, cells, run)
+            if for_page:
+                cols = [head, label, med, ratio_text, kind, note]
+            else:
+                cols = [head, label, med, rng, direction if head else "", ratio_text, kind, note]
             out.append("| " + " | ".join(cols) + " |")
     return out
 
 
 def render(run: Run) -> str:
+    return "\n".join([*_heading(run), "", *_table(run), "", *render_targets(run)])
+
+
+def _heading(run: Run) -> list[str]:
     cfg = run.cfg
     out: list[str] = []
     out.append(
@@ -136,11 +146,26 @@ def render(run: Run) -> str:
         "median over rounds [min-max]; ratio = alloter_mp / row "
         "(in the row's unit; see 'better' for the direction)"
     )
-    out.append("")
-    out += _table(run)
-    out.append("")
-    out += render_targets(run)
-    return "\n".join(out)
+    return out
+
+
+# The part of the documentation's performance page that a run writes (--page).
+PAGE_START = "<!-- bench table: start -->"
+PAGE_END = "<!-- bench table: end -->"
+
+
+def write_page(run: Run, path: str) -> None:
+    """Put this run's heading and table between the markers of the page at ``path``."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(PAGE_START), text.find(PAGE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {PAGE_START} ... {PAGE_END} part to fill")
+    heading = [f"* {line}" for line in _heading(run) if not line.startswith("median over")]
+    table = ['<div class="bench-table" markdown>', "", *_table(run, for_page=True), "", "</div>"]
+    part = [PAGE_START, "", *heading, "", *table, ""]
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n".join(part) + "\n" + text[end:])
 
 
 def to_json(run: Run) -> dict[str, Any]:
@@ -176,8 +201,10 @@ def to_json(run: Run) -> dict[str, Any]:
             }
         wls[w.key] = {
             "title": w.title,
+            "title_for": w.title_for(run.cfg),
             "unit": w.unit,
             "higher_is_better": w.higher_better,
+            "ours_row": w.ours_row,
             "rows": rows,
         }
         extra.update(w.json_extra(run))
