@@ -320,3 +320,66 @@ def test_bench_page_gets_the_runs_table(tmp_path: Path, monkeypatch: pytest.Monk
     assert "old table" not in text
     assert "| warm round trip of one task (us, lower is better) | alloter_mp | 100 |" in text
     assert f"| | {PPE().name} | 200 | 0.50x | ours better |" in text.replace("|  |", "| |")
+
+
+def test_bench_summary_from_a_saved_run(tmp_path: Path) -> None:
+    """--from-json --summary writes the README's short table between its markers:
+    alloter_mp, ProcessPoolExecutor and the row's best peer, with the advantage over
+    each (above 1x: ours better, whatever the unit's direction)."""
+
+    def row(median: float, **meta: object) -> dict[str, object]:
+        return {"median": median, "meta": meta, "extra": [{}]}
+
+    data = {
+        "config": {"workers": 2, "rounds": 3},
+        "cpu_count": 2,
+        "python": "3.11.7 (main)",
+        "load_average_1min": [0.5, 1.25],
+        "workloads": {
+            "rt": {
+                "title": "round trip",
+                "unit": "us",
+                "fmt": "us",
+                "higher_is_better": False,
+                "rows": {
+                    "alloter_mp": row(200.0),
+                    "ProcessPoolExecutor (default: fork)": row(400.0),
+                    "loky": row(100.0),
+                    "ref: fork + Pipe": row(10.0, floor=True),
+                },
+            },
+            "submit": {
+                "title": "submits",
+                "unit": "tasks/s",
+                "higher_is_better": True,
+                "rows": {"alloter_mp": row(3000.0), "pebble": row(1000.0)},
+            },
+            "alone": {
+                "title": "ours only",
+                "unit": "s",
+                "higher_is_better": False,
+                "rows": {"alloter_mp": row(1.0)},
+            },
+        },
+    }
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(data))
+    page = tmp_path / "README.md"
+    start, end = "<!-- bench summary: start -->", "<!-- bench summary: end -->"
+    page.write_text(f"# Before\n\n{start}\nold\n{end}\n\nAfter.\n")
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--from-json", str(saved), "--summary", str(page)],
+        capture_output=True,
+        text=True,
+        env=with_repo(),
+        timeout=50,
+    )
+    assert res.returncode == 0, res.stderr
+    text = page.read_text()
+    assert text.startswith(f"# Before\n\n{start}") and text.endswith(f"{end}\n\nAfter.\n")
+    assert "old" not in text
+    assert "median of 3 round(s), 2 CPUs, Python 3.11.7, 1-min load average 0.50-1.25" in text
+    # lower is better: 400/200 = 2x over PPE, 100/200 = 0.5x against the best (loky)
+    assert "| round trip (us, lower is better) | 200 | 400 | loky: 100 | 2.00x | 0.50x |" in text
+    assert "| submits (tasks/s, higher is better) | 3,000 | - | pebble: 1,000 | - | 3.00x |" in text
+    assert "ours only" not in text  # no peer, no line

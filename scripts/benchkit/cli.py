@@ -12,6 +12,7 @@ from .config import make_config
 from .engine import Run, fresh_child, log
 from .procs import kill_everything
 from .render import render, to_json, write_page
+from .summary import write_summary
 from .workloads import BY_KEY, WORKLOADS
 
 DESCRIPTION = "Benchmark alloter_mp against its peers, side by side, in one run."
@@ -36,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         "(docs/performance.md)",
     )
     ap.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="write a short table (ours, ProcessPoolExecutor, the best peer) into FILE "
+        "between its bench summary markers (README.md)",
+    )
+    ap.add_argument(
         "--from-json",
         metavar="FILE",
-        help="run nothing: draw --chart from the JSON dump of an earlier run",
+        help="run nothing: draw --chart and write --summary from the JSON dump of an earlier run",
     )
     ap.add_argument(
         "--libs",
@@ -54,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     if args._fresh:
         return fresh_child(args._fresh, WORKLOADS)
     if args.from_json:
-        if not args.chart:
-            ap.error("--from-json needs --chart FILE")
+        if not (args.chart or args.summary):
+            ap.error("--from-json needs --chart FILE or --summary FILE")
         with open(args.from_json) as f:
-            draw_chart(json.load(f), args.chart)
-        log(f"chart drawn to {args.chart}")
+            saved = json.load(f)
+        if args.chart:
+            draw_chart(saved, args.chart)
+            log(f"chart drawn to {args.chart}")
+        if args.summary:
+            write_summary(saved, args.summary)
+            log(f"summary written into {args.summary}")
         return 0
     if args.workers < 1 or args.rounds < 1:
         ap.error("--workers and --rounds must be >= 1")
@@ -96,4 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.page:
         write_page(run, args.page)
         log(f"table written into {args.page}")
+    if args.summary:
+        write_summary(data, args.summary)
+        log(f"summary written into {args.summary}")
     return 0

@@ -203,6 +203,7 @@ def to_json(run: Run) -> dict[str, Any]:
             "title": w.title,
             "title_for": w.title_for(run.cfg),
             "unit": w.unit,
+            "fmt": w.fmt,
             "higher_is_better": w.higher_better,
             "ours_row": w.ours_row,
             "rows": rows,
