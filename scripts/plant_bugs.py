@@ -520,8 +520,10 @@ def check(bug: Bug | None, tests: list[str], timeout: float, verbose: bool = Fal
             return "SURVIVED"
         if out.returncode == 1:
             if verbose:  # how it was caught: the first lines of pytest's failure report
-                why = [line for line in out.stdout.splitlines() if line.startswith("E ")]
-                return "caught\n" + "\n".join(f"{'':11}{line}" for line in why[:3])
+                lines = out.stdout.splitlines()
+                which = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+                why = [line for line in lines if line.startswith("E ")][:3] + which[:2]
+                return "caught\n" + "\n".join(f"{'':11}{line}" for line in why)
             return "caught"
         # 2-5: interrupted, internal error, usage error, nothing collected.
         return f"ERROR (pytest exit {out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}"
@@ -562,10 +564,11 @@ def main() -> int:
         # A test that fails anyway would make every bug look caught.
         tests = sorted({t for bug in chosen for t in bug.tests})
         t0 = time.monotonic()
-        verdict = check(None, tests, opts.timeout)
+        verdict, _, why = check(None, tests, opts.timeout, verbose=True).partition("\n")
         took = time.monotonic() - t0
         if verdict != "SURVIVED":
             print(f"control run FAILED ({verdict}, {took:.1f}s): the tests fail without any bug")
+            print(why)
             return 1
         print(f"{'passes':10} {'(control: no bug)':30} {took:6.1f}s  the tests pass on the package")
     bad = 0
