@@ -219,6 +219,7 @@ BUGS = [
         '            batch.cancel(Cancelled("the caller was interrupted"))\n',
         "            pass\n",
         ("test_core.py::test_keyboard_interrupt_ends_the_tasks_and_propagates",),
+        hang=12,
     ),
     Bug(
         "siblings-never-told",
@@ -269,7 +270,7 @@ BUGS = [
         "            return\n",
         "        return\n",
         ("test_per_task.py::test_task_timeout_ends_a_spinning_task_and_its_process",),
-        hang=20,
+        hang=12,
     ),
     Bug(
         "task-timeout-late",
@@ -311,7 +312,7 @@ BUGS = [
         "_batch.py",
         "        if self.end_kind is None and not self.keep_going:\n            return error\n",
         "        if self.end_kind is None:\n            return error\n",
-        ("test_per_task.py::test_map_errors_return_puts_each_failure_in_place[4]",),
+        ("test_per_task.py::test_map_errors_return_puts_each_failure_in_place[3]",),
     ),
     Bug(
         "chunk-crash-fails-the-whole-chunk",
@@ -319,7 +320,7 @@ BUGS = [
         "_pool.py",
         "        if slot.item_state is not None and slot.status is TaskStatus.RUNNING:\n",
         "        if False:\n",
-        ("test_per_task.py::test_map_errors_return_puts_each_failure_in_place[4]",),
+        ("test_per_task.py::test_map_errors_return_puts_each_failure_in_place[3]",),
     ),
     Bug(
         "max-tasks-ignored",
@@ -361,7 +362,7 @@ BUGS = [
         "        future._fail(_future_error(error))\n",
         "        pass\n",
         ("test_executor.py::test_a_crash_fails_one_future_and_the_pool_heals",),
-        hang=20,
+        hang=12,
     ),
     Bug(
         "async-cancel-not-passed-on",
@@ -371,7 +372,7 @@ BUGS = [
         "        await _until_settled(batch)\n",
         "        await _until_settled(batch)\n",
         ("test_async.py::test_task_cancel_ends_the_work_before_the_await_returns",),
-        hang=20,
+        hang=12,
     ),
     Bug(
         "async-cancel-returns-early",
