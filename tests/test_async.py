@@ -222,14 +222,16 @@ async def _cancelled_call(
     raise AssertionError("the cancelled await did not raise")
 
 
-def test_task_cancel_ends_the_work_before_the_await_returns(
-    alloter: ProcessAlloter, tmp_path: Path
-) -> None:
+def test_task_cancel_ends_the_work_before_the_await_returns(tmp_path: Path) -> None:
+    # A grace of 1 s, well beyond _gone's moment: an await that returned before the
+    # deaf task was killed (at the end of its grace) would find it still alive.
+    grace = 1.0
+
     async def cancel(task: asyncio.Task[Any]) -> Any:
         task.cancel("stop it")
         return await task
 
-    async def main() -> None:
+    async def main(alloter: ProcessAlloter) -> None:
         pids, error = await _cancelled_call(alloter, tmp_path, cancel)
         assert isinstance(error, asyncio.CancelledError)
         if sys.version_info >= (3, 11):
@@ -239,7 +241,9 @@ def test_task_cancel_ends_the_work_before_the_await_returns(
         assert _gone(*pids), "a process of the call outlived its await"
         assert await alloter.exec_async(partial(T.noop, 1)) == [1]
 
-    run(main())
+    with ProcessAlloter(2, cancel_grace=grace) as alloter:
+        run(main(alloter))
+    assert not wait_no_descendants()
 
 
 def test_asyncio_timeout_and_wait_for(alloter: ProcessAlloter, tmp_path: Path) -> None:

@@ -140,7 +140,9 @@ def _spans(path, until):
 @pytest.mark.parametrize("pool_size", [None, 4], ids=["own-pool", "shared-pool-of-4"])
 def test_map_respects_limit_and_fail_fast_timing(tmp_path, pool_size):
     # limit 2, also on a pool of 4 workers shared with nobody: the limit, not the
-    # pool, must hold the map to two items at once.
+    # pool, must hold the map to two items at once. The pool's four workers are all
+    # started (and idle) first: the limit must hold back idle workers too, not only
+    # the starting of new ones.
     limit, fail_at, long_item, grace = 2, 20, 1, 1.0
     path = tmp_path / "spans"
     fn = functools.partial(spanned, str(path), fail_at, long_item)
@@ -148,6 +150,15 @@ def test_map_respects_limit_and_fail_fast_timing(tmp_path, pool_size):
     base = ProcessAlloter(limit, cancel_grace=grace)
     a = base.with_pool(pool) if pool else base
     try:
+        if pool is not None:
+            warm = ProcessAlloter(pool_size)
+            try:
+                pids = warm.with_pool(pool).exec(
+                    *[functools.partial(_tasks.sleep_then_pid, 0.3)] * 4
+                )
+            finally:
+                warm.close()
+            assert len(set(pids)) == pool_size, f"the pool did not start its {pool_size} workers"
         with pytest.raises(TaskError) as info:
             a.map(fn, range(10_000), chunksize=1)
         t_raise = time.monotonic()

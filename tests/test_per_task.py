@@ -341,7 +341,9 @@ def test_an_idle_kill_is_not_a_retry_and_attempts_count_runs(tmp_path: Path) -> 
 # -- keep going: errors="return" ------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunksize", [1, 4, None])
+# Chunks of 3: the crash (item 7) comes mid-chunk, with item 8 still to run after
+# it; the timeout (item 9) starts a chunk, with two items after it.
+@pytest.mark.parametrize("chunksize", [1, 3, None])
 def test_map_errors_return_puts_each_failure_in_place(tmp_path: Path, chunksize: int) -> None:
     d = str(tmp_path)
     import functools

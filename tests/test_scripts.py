@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -383,3 +384,53 @@ def test_bench_summary_from_a_saved_run(tmp_path: Path) -> None:
     assert "| round trip (us, lower is better) | 200 | 400 | loky: 100 | 2.00x | 0.50x |" in text
     assert "| submits (tasks/s, higher is better) | 3,000 | - | pebble: 1,000 | - | 3.00x |" in text
     assert "ours only" not in text  # no peer, no line
+
+
+# -- scripts/plant_bugs.py ---------------------------------------------------------------
+
+PLANT = REPO / "scripts" / "plant_bugs.py"
+
+
+def load_plant_bugs() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("plant_bugs", PLANT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plant_bugs"] = module  # its dataclass looks its module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["plant_bugs"]
+    return module
+
+
+def test_no_planted_bug_is_stale() -> None:
+    """Every planted bug can still be planted (its text occurs exactly once in the
+    package) and names tests that exist: the list follows the package. Text matching
+    only; the planted-bug run itself takes minutes and is run by hand."""
+    res = subprocess.run(
+        [sys.executable, str(PLANT), "--check-stale"],
+        capture_output=True,
+        text=True,
+        env=with_repo(),
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "STALE" not in res.stdout
+    plant = load_plant_bugs()
+    assert f"{len(plant.BUGS)} of {len(plant.BUGS)} planted bugs can be planted" in res.stdout
+    names = [bug.name for bug in plant.BUGS]
+    assert len(set(names)) == len(names), "two bugs share a name"
+
+
+def test_the_stale_check_can_fail() -> None:
+    plant = load_plant_bugs()
+    bug = plant.BUGS[0]
+    replace = dataclasses.replace
+    assert plant.stale(bug) is None
+    assert "occurs 0 times" in plant.stale(replace(bug, old="no such text in the package"))
+    many = plant.stale(replace(bug, file="_batch.py", old="with self._lock:"))
+    assert many is not None and many.endswith("not once") and "occurs 1 " not in many
+    assert "does not exist" in plant.stale(replace(bug, file="_nowhere.py"))
+    assert "has no test" in plant.stale(replace(bug, tests=("test_core.py::test_nothing_here",)))
+    assert "does not exist" in plant.stale(replace(bug, tests=("test_nowhere.py",)))
+    assert "changes nothing" in plant.stale(replace(bug, new=bug.old))
