@@ -355,6 +355,16 @@ def test_bench_summary_from_a_saved_run(tmp_path: Path) -> None:
                 "higher_is_better": True,
                 "rows": {"alloter_mp": row(3000.0), "pebble": row(1000.0)},
             },
+            "timeout": {
+                "title": "overshoot",
+                "unit": "ms",
+                "fmt": "ms",
+                "higher_is_better": False,
+                "rows": {
+                    "alloter_mp": row(2.0),
+                    "pebble": {"median": 1.0, "meta": {}, "extra": [{}, {"spinning": True}]},
+                },
+            },
             "alone": {
                 "title": "ours only",
                 "unit": "s",
@@ -383,6 +393,7 @@ def test_bench_summary_from_a_saved_run(tmp_path: Path) -> None:
     # lower is better: 400/200 = 2x over PPE, 100/200 = 0.5x against the best (loky)
     assert "| round trip (us, lower is better) | 200 | 400 | loky: 100 | 2.00x | 0.50x |" in text
     assert "| submits (tasks/s, higher is better) | 3,000 | - | pebble: 1,000 | - | 3.00x |" in text
+    assert "| overshoot (ms, lower is better) | 2.0 | - | pebble: 1.0 (its task ran on) |" in text
     assert "ours only" not in text  # no peer, no line
 
 

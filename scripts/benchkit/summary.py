@@ -45,7 +45,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         }
         if not peers:
             continue
-
+        # a peer whose call returned while its task still ran (the timeout row)
+        shown = {}
+        for label, v in peers.items():
+            extras = [e for e in rows[label].get("extra", []) if isinstance(e, dict)]
+            ran_on = any(e.get("spinning") for e in extras)
+            shown[label] = _value(v, kind) + (" (its task ran on)" if ran_on else "")
         # above 1: alloter_mp did better, whatever the unit's direction
         adv = {label: ours / v if higher else v / ours for label, v in peers.items()}
         best = min(adv, key=adv.__getitem__)
@@ -55,8 +60,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         cells = [
             f"{title} ({unit})",
             _value(ours, kind),
-            _value(peers[ppe], kind) if ppe else "-",
-            f"{best}: {_value(peers[best], kind)}",
+            shown[ppe] if ppe else "-",
+            f"{best}: {shown[best]}",
             f"{adv[ppe]:.2f}x" if ppe else "-",
             f"{adv[best]:.2f}x",
         ]
