@@ -144,6 +144,10 @@ def _close_all_at_exit() -> None:
             pool.close(wait=True, timeout=STOP_WAIT)
 
 
+def _no_notice() -> None:
+    """A forgotten batch's notify: the pool no longer looks at it."""
+
+
 class WorkerPool:
     """A pool of worker processes that one or several alloters may share.
 
@@ -622,6 +626,16 @@ class WorkerPool:
         if drained is not None:
             drained.set()  # settled, and no worker holds a task of it: nothing is owed
         run.forgotten = True
+        # The batch's notify closure holds the run, which holds the batch: without
+        # this cycle the results go as soon as the caller drops them (big results
+        # map shared memory), not at the next garbage collection.
+        run.batch.notify = _no_notice
+        # Nor does the pool keep it until its next turn (a lent worker's reply may
+        # have marked it while the supervisor slept).
+        self._touched.discard(run)
+        with contextlib.suppress(ValueError, RuntimeError):  # a caller may append meanwhile
+            while run in self._poked:
+                self._poked.remove(run)
         self._runs.pop(run, None)
         self._ending.pop(run, None)
         self._delayed_runs.pop(run, None)

@@ -211,6 +211,11 @@ class RayRunner:
             error = AlloterError(f"the Ray supervisor failed: {exc!r}")
             with self._lock:  # from now on submit() refuses: no batch can slip in
                 self._broken = error
+            # The board too: a task Ray starts after this (it was queued in Ray) is
+            # ended by its own watchdog at once, where a cancel may come too late.
+            for run in self._runs:
+                with contextlib.suppress(Exception):
+                    self._board.end.remote(run.key)
             for running in self._in_flight.values():
                 with contextlib.suppress(Exception):
                     self._ray.cancel(running.ref, force=True)

@@ -457,6 +457,22 @@ BUGS = [
         "                pass\n",
         ("test_capture.py::test_the_next_task_starts_with_empty_streams",),
     ),
+    Bug(
+        "results-kept-in-a-cycle",
+        "a call's results go with the caller's last reference (no cycle keeps them)",
+        "_pool.py",
+        "        run.batch.notify = _no_notice\n",
+        "        pass\n",
+        ("test_shared.py::test_shared_results_go_when_the_caller_drops_them",),
+    ),
+    Bug(
+        "results-kept-until-the-next-turn",
+        "the pool lets a settled call go at once, not at its next turn",
+        "_pool.py",
+        "        self._touched.discard(run)\n",
+        "        pass\n",
+        ("test_shared.py::test_shared_results_go_when_the_caller_drops_them",),
+    ),
 ]
 
 

@@ -233,6 +233,45 @@ def test_map_and_imap_items_are_shared(alloter: ProcessAlloter) -> None:
     assert wait_no_holders() == []
 
 
+def test_map_and_imap_items_are_shared_after_shared_results(alloter: ProcessAlloter) -> None:
+    # The order that once failed: a test whose shared results the parent dropped,
+    # then one that expects no segment mapped anywhere (found on 3.13, where no
+    # garbage collection came between the two).
+    test_results_of_a_map_and_imap_come_back_shared(alloter)
+    test_map_and_imap_items_are_shared(alloter)
+
+
+def test_shared_results_go_when_the_caller_drops_them(
+    alloter: ProcessAlloter, shm_before: set[str]
+) -> None:
+    # No reference cycle keeps a finished call's results: their mappings go with the
+    # caller's last reference (and the pool's own, which it drops once the call has
+    # settled), not at some later garbage collection, which may not come before the
+    # memory is needed again. The collector is off meanwhile.
+    me = [os.getpid()]
+
+    def gone() -> bool:
+        end = time.monotonic() + 2.0
+        while holders(me) and time.monotonic() < end:
+            time.sleep(0.02)
+        return holders(me) == []
+
+    gc.disable()
+    try:
+        out: Any = alloter.exec(*[call(S.full, MiB, float(k)) for k in range(3)])
+        assert len([h for h in holders(me) if h.endswith(" map")]) == 3
+        del out
+        assert gone(), "exec's results outlived the caller's reference"
+        out = alloter.map(_full_job, [(MiB, 1.0)] * 4, chunksize=2)
+        del out
+        assert gone(), "map's results outlived the caller's reference"
+        report = alloter.exec_report(call(S.full, MiB, 2.0))
+        del report
+        assert gone(), "a report's results outlived the caller's reference"
+    finally:
+        gc.enable()
+
+
 # -- nothing outlives the call ---------------------------------------------------------
 
 
