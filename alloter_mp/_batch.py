@@ -451,6 +451,11 @@ class Batch:
         """The deadline passed: end everything with :class:`ExecTimeout`."""
         return self._end(EndKind.TIMEOUT, ExecTimeout(self.timeout_message))
 
+    def detach(self) -> None:
+        """The runner is done with this batch: ``notify`` goes nowhere from now on,
+        and no longer holds the runner's state for as long as the batch lives."""
+        self.notify = _nothing
+
     def cancel(self, error: BaseException | None = None) -> bool:
         """Cancel from outside (context, interruption, close)."""
         return self._end(EndKind.CANCELLED, error or Cancelled("the call was cancelled"))

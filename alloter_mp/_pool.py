@@ -144,10 +144,6 @@ def _close_all_at_exit() -> None:
             pool.close(wait=True, timeout=STOP_WAIT)
 
 
-def _no_notice() -> None:
-    """A forgotten batch's notify: the pool no longer looks at it."""
-
-
 class WorkerPool:
     """A pool of worker processes that one or several alloters may share.
 
@@ -629,7 +625,7 @@ class WorkerPool:
         # The batch's notify closure holds the run, which holds the batch: without
         # this cycle the results go as soon as the caller drops them (big results
         # map shared memory), not at the next garbage collection.
-        run.batch.notify = _no_notice
+        run.batch.detach()
         # Nor does the pool keep it until its next turn (a lent worker's reply may
         # have marked it while the supervisor slept).
         self._touched.discard(run)

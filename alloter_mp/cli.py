@@ -141,15 +141,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def job_limit(text: str) -> int:
-    """An argparse type: a whole number of jobs, 0 meaning one per CPU."""
+def _whole_number(text: str, least: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
     return value
+
+
+def job_limit(text: str) -> int:
+    """An argparse type: a whole number of jobs, 0 meaning one per CPU."""
+    return _whole_number(text, "0 (one per CPU)")
 
 
 def _number_of_seconds(text: str, *, zero_ok: bool) -> float:
@@ -173,13 +177,7 @@ def _grace(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _whole_number(text, "0")
 
 
 def _version() -> str:

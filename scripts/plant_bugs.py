@@ -461,7 +461,7 @@ BUGS = [
         "results-kept-in-a-cycle",
         "a call's results go with the caller's last reference (no cycle keeps them)",
         "_pool.py",
-        "        run.batch.notify = _no_notice\n",
+        "        run.batch.detach()\n",
         "        pass\n",
         ("test_shared.py::test_shared_results_go_when_the_caller_drops_them",),
     ),

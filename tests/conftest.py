@@ -15,6 +15,7 @@ from typing import Any
 import _env
 import _procs
 import pytest
+from _logs import Collect, root_logs
 from _procs import wait_no_descendants
 
 from alloter_mp import ProcessAlloter
@@ -28,6 +29,13 @@ def alloter() -> Iterator[ProcessAlloter]:
     finally:
         a.close()
     assert not wait_no_descendants(), "workers left behind after close()"
+
+
+@pytest.fixture
+def logs() -> Iterator[Collect]:
+    """A handler on the root logger at INFO; the logging setup is put back afterwards."""
+    with root_logs() as handler:
+        yield handler
 
 
 def pytest_collection_modifyitems(config: Any, items: list[pytest.Item]) -> None:

@@ -36,16 +36,6 @@ from alloter_mp import (
 )
 
 
-@pytest.fixture
-def alloter() -> Iterator[ProcessAlloter]:
-    a = ProcessAlloter(2, cancel_grace=0.2)
-    try:
-        yield a
-    finally:
-        a.close()
-    assert not wait_no_descendants(), "workers left behind after close()"
-
-
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
 

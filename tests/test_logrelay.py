@@ -19,47 +19,12 @@ from collections.abc import Iterator
 
 import pytest
 from _bareworker import BareWorker, Died
+from _logs import Collect
 
 from alloter_mp._logreceive import LogReceiver, snapshot
 from alloter_mp._logrelay import LOGS, WorkerRelay
 
 # -- fixtures ----------------------------------------------------------------------
-
-
-class Collect(logging.Handler):
-    """Keeps every record it is handed."""
-
-    def __init__(self, level: int = logging.NOTSET) -> None:
-        super().__init__(level)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
-
-
-@pytest.fixture
-def logs() -> Iterator[Collect]:
-    """A handler on the root logger at INFO; the logging setup is put back afterwards."""
-    root = logging.getLogger()
-    saved = (root.level, root.handlers[:], logging.root.manager.disable)
-    handler = Collect()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    touched = [logging.getLogger(n) for n in ("app", "app.db", "noisy", "other")]
-    try:
-        yield handler
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        logging.disable(saved[2])
-        for logger in touched:
-            logger.setLevel(logging.NOTSET)
-            logger.filters.clear()
-            logger.disabled = False
-            logger.propagate = True
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 from _env import REPO, needs_ray, without_ray_settings
+from _logs import Collect
 from _procs import pid_gone
 from _tasks import (
     exit_now,
@@ -240,19 +241,10 @@ def print_then_raise(text: str) -> None:
     raise ValueError(text)
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def ray_logs() -> Iterator[_Collect]:
+def ray_logs() -> Iterator[Collect]:
     logger = logging.getLogger("raytest")
-    handler = _Collect()
+    handler = Collect()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -808,7 +800,7 @@ def test_an_alloter_dropped_without_close_ends_its_thread(ray_session: Any) -> N
 
 
 def test_records_of_ray_tasks_reach_the_callers_handlers(
-    ralloter: RayAlloter, ray_logs: _Collect
+    ralloter: RayAlloter, ray_logs: Collect
 ) -> None:
     pids = ralloter.exec(*[partial(log_lines, 20, f"t{i}") for i in range(3)])
     for i in range(3):

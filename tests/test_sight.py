@@ -17,11 +17,11 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import _tasks
 import pytest
+from _logs import Collect
 
 from alloter_mp import (
     Alloter,
@@ -32,44 +32,7 @@ from alloter_mp import (
     WorkerCrashed,
 )
 
-# -- the test process's logging ------------------------------------------------------
-
-
-class Collect(logging.Handler):
-    """Keeps every record it is handed, with when it was handed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.arrived: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.arrived.append(time.time())
-
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
-
-
-@pytest.fixture
-def logs() -> Iterator[Collect]:
-    """A handler on the root logger at INFO; the logging setup is put back afterwards."""
-    root = logging.getLogger()
-    saved = (root.level, root.handlers[:], logging.root.manager.disable)
-    handler = Collect()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    touched = [logging.getLogger(n) for n in ("app", "app.db", "noisy")]
-    try:
-        yield handler
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        logging.disable(saved[2])
-        for logger in touched:
-            logger.setLevel(logging.NOTSET)
-            logger.filters.clear()
-            logger.disabled = False
+# The test process's logging: the ``logs`` fixture (conftest.py) and ``Collect``.
 
 
 # -- tasks (module level: the workers import them) -------------------------------------

@@ -43,31 +43,40 @@ def advantages(data: dict[str, Any]) -> list[tuple[str, list[tuple[str, float, b
         titles = {}
     out = []
     for workload in data["workloads"].values():
-        rows = workload["rows"]
-        ours_label = workload.get("ours_row", "alloter_mp")
-        ours = rows.get(ours_label, {}).get("median")
-        if not ours:
+        found = peers_of(workload)
+        if found is None:
             continue
-        pairs = []
-        for label, row in rows.items():
-            peer = row.get("median")
-            if (
-                label.startswith("alloter_mp")
-                or row.get("meta", {}).get("floor")
-                or not peer
-                or peer <= 0
-            ):
-                continue
-            ratio = ours / peer if workload["higher_is_better"] else peer / ours
-            spun = any(e.get("spinning") for e in row.get("extra", []) if isinstance(e, dict))
-            pairs.append((label, ratio, spun))
-        if not pairs:
-            continue
+        pairs = [(label, ratio, spun) for label, _, ratio, spun in found[1]]
         title = workload.get("title_for") or _format(workload["title"], titles)
         direction = "higher" if workload["higher_is_better"] else "lower"
         title = "\n".join(textwrap.wrap(title, 40))
         out.append((f"{title}\n[{workload['unit']}, {direction} is better]", pairs))
     return out
+
+
+def peers_of(workload: dict[str, Any]) -> tuple[float, list[tuple[str, float, float, bool]]] | None:
+    """alloter_mp's median in one workload of a dump and, for each peer: its median,
+    alloter_mp's advantage over it (above 1: ours better, whatever the unit's
+    direction) and whether its task kept running past a timeout. ``None`` when
+    either side is missing; floors, references and our own variants are no peers."""
+    rows = workload["rows"]
+    ours = rows.get(workload.get("ours_row", "alloter_mp"), {}).get("median")
+    if not ours:
+        return None
+    found = []
+    for label, row in rows.items():
+        peer = row.get("median")
+        if (
+            label.startswith("alloter_mp")
+            or row.get("meta", {}).get("floor")
+            or not peer
+            or peer <= 0
+        ):
+            continue
+        ratio = ours / peer if workload["higher_is_better"] else peer / ours
+        spun = any(e.get("spinning") for e in row.get("extra", []) if isinstance(e, dict))
+        found.append((label, peer, ratio, spun))
+    return (ours, found) if found else None
 
 
 def _format(title: str, values: dict[str, Any]) -> str:

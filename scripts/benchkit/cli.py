@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from .cells import error_text
 from .chart import draw_chart
@@ -64,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.chart or args.summary):
             ap.error("--from-json needs --chart FILE or --summary FILE")
         with open(args.from_json) as f:
-            saved = json.load(f)
-        if args.chart:
-            draw_chart(saved, args.chart)
-            log(f"chart drawn to {args.chart}")
-        if args.summary:
-            write_summary(saved, args.summary)
-            log(f"summary written into {args.summary}")
+            _draw(json.load(f), args)
         return 0
     if args.workers < 1 or args.rounds < 1:
         ap.error("--workers and --rounds must be >= 1")
@@ -102,13 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2, default=str)
         log(f"raw numbers written to {args.json}")
-    if args.chart:
-        draw_chart(data, args.chart)
-        log(f"chart drawn to {args.chart}")
+    _draw(data, args)
     if args.page:
         write_page(run, args.page)
         log(f"table written into {args.page}")
+    return 0
+
+
+def _draw(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """What a run's JSON dump is enough for (a run, or a saved one): chart, summary."""
+    if args.chart:
+        draw_chart(data, args.chart)
+        log(f"chart drawn to {args.chart}")
     if args.summary:
         write_summary(data, args.summary)
         log(f"summary written into {args.summary}")
-    return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .chart import peers_of
 from .render import fmt
 
 SUMMARY_START = "<!-- bench summary: start -->"
@@ -30,31 +31,20 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---|---:|---:|",
     ]
     for workload in data["workloads"].values():
-        rows = workload["rows"]
-        ours = rows.get(workload.get("ours_row", "alloter_mp"), {}).get("median")
-        if not ours:
+        found = peers_of(workload)
+        if found is None:
             continue
+        ours, peers = found
         higher = workload["higher_is_better"]
         kind = workload.get("fmt")
-        peers = {
-            label: row["median"]
-            for label, row in rows.items()
-            if not label.startswith("alloter_mp")
-            and not row.get("meta", {}).get("floor")
-            and row.get("median")
-        }
-        if not peers:
-            continue
+        adv = {label: ratio for label, _, ratio, _ in peers}
         # a peer whose call returned while its task still ran (the timeout row)
-        shown = {}
-        for label, v in peers.items():
-            extras = [e for e in rows[label].get("extra", []) if isinstance(e, dict)]
-            ran_on = any(e.get("spinning") for e in extras)
-            shown[label] = _value(v, kind) + (" (its task ran on)" if ran_on else "")
-        # above 1: alloter_mp did better, whatever the unit's direction
-        adv = {label: ours / v if higher else v / ours for label, v in peers.items()}
+        shown = {
+            label: _value(v, kind) + (" (its task ran on)" if spun else "")
+            for label, v, _, spun in peers
+        }
         best = min(adv, key=adv.__getitem__)
-        ppe = next((label for label in peers if label.startswith("ProcessPoolExecutor")), None)
+        ppe = next((label for label in adv if label.startswith("ProcessPoolExecutor")), None)
         title = workload.get("title_for") or workload["title"]
         unit = f"{workload['unit']}, {'higher' if higher else 'lower'} is better"
         cells = [
